@@ -1,0 +1,40 @@
+"""Policy objectives: pure functions of tensors, chosen by name (``stapo.policy_loss``)."""
+
+from . import losses as _losses  # noqa: F401  (registers the built-in objectives)
+from .aggregate import AGG_MODES, agg_loss, count_units
+from .losses import (
+    ClipConfig,
+    DAPOConfig,
+    DrGRPOConfig,
+    Entropy20Config,
+    GRPOConfig,
+    JustRLConfig,
+    STAPOConfig,
+    clipped_surrogate,
+)
+from .masks import (
+    high_entropy_mask,
+    high_entropy_threshold,
+    quantile,
+    s2t_candidates,
+    s2t_mask,
+    s2t_threshold,
+)
+from .registry import (
+    OBJECTIVES,
+    Objective,
+    TokenStats,
+    get_objective,
+    loss_token_mask,
+    minibatch_overrides,
+    policy_loss,
+    register_objective,
+)
+
+__all__ = [
+    "AGG_MODES", "agg_loss", "count_units", "ClipConfig", "DAPOConfig", "DrGRPOConfig", "Entropy20Config",
+    "GRPOConfig", "JustRLConfig", "STAPOConfig", "clipped_surrogate", "high_entropy_mask",
+    "high_entropy_threshold", "quantile", "s2t_candidates", "s2t_mask", "s2t_threshold", "OBJECTIVES",
+    "Objective", "TokenStats", "get_objective", "loss_token_mask", "minibatch_overrides", "policy_loss",
+    "register_objective",
+]
