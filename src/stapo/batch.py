@@ -20,6 +20,7 @@ class RolloutBatch:
     response_mask: torch.Tensor  # [B, T] bool, True = token enters the loss
     group_ids: torch.Tensor  # [B] long, which prompt of the step each response answers
     truncated: torch.Tensor  # [B] bool, hit max_new_tokens without EOS
+    response_lengths: torch.Tensor  # [B] long, generated tokens (EOS included), whatever the mask says
     problems: list[Any] = dataclasses.field(default_factory=list)  # B records (stapo.data.Problem)
     response_texts: list[str] = dataclasses.field(default_factory=list)  # B decoded responses
     rewards: torch.Tensor | None = None  # [B] float
@@ -27,6 +28,8 @@ class RolloutBatch:
     old_logprobs: torch.Tensor | None = None  # [B, T] float, policy before the update, at rollout T
     ref_logprobs: torch.Tensor | None = None  # [B, T] float, reference policy (only when β > 0)
     rollout_logprobs: torch.Tensor | None = None  # [B, T] float, as reported by the generation engine
+    old_entropy: torch.Tensor | None = None  # [B, T] float, entropy of the policy that computed old_logprobs
+    old_collision: torch.Tensor | None = None  # [B, T] float, its collision probability Σ_v π_v²
     teacher_logprobs: torch.Tensor | None = None  # [B, T] float, privileged-context pass (DASD)
 
     def __len__(self) -> int:
@@ -44,11 +47,17 @@ class RolloutBatch:
         return torch.cat([self.prompt_mask.bool(), resp], dim=1).long()
 
     def select(self, index) -> RolloutBatch:
-        """Rows ``index`` (a slice, list or long tensor) of every per-row field."""
+        """Rows ``index`` (a slice, list or long tensor, or a [B] bool mask) of every per-row field."""
+        every = range(len(self))
         if isinstance(index, slice):
-            rows = list(range(len(self)))[index]
+            rows = list(every[index])
         else:
-            rows = [int(i) for i in torch.as_tensor(index).view(-1)]
+            index = torch.as_tensor(index)
+            if index.dtype == torch.bool:  # e.g. select(rewards > 0): as ints it would pick rows 0 and 1
+                if index.shape != (len(self),):
+                    raise ValueError(f"bool row mask has shape {tuple(index.shape)}, expected ({len(self)},)")
+                index = index.nonzero().view(-1)
+            rows = [every[int(i)] for i in index.view(-1)]  # range indexing: negatives ok, IndexError past the end
         idx = torch.tensor(rows, dtype=torch.long)
         out = {}
         for f in dataclasses.fields(self):
@@ -89,8 +98,18 @@ class RolloutBatch:
             values = [getattr(b, f.name) for b in batches]
             if all(v is None for v in values):
                 out[f.name] = None
-            elif isinstance(values[0], list):
-                out[f.name] = [x for v in values for x in v]
+                continue
+            # a field present in some batches only (or [B] in one and [B, T] in another) would
+            # otherwise come out misaligned with the rows, or crash deep inside torch.cat
+            if any(v is None for v in values):
+                raise ValueError(f"cannot concat RolloutBatch: field {f.name!r} is set in some batches only")
+            if isinstance(values[0], list):
+                merged = [x for v in values for x in v]
+                if merged and len(merged) != sum(len(b) for b in batches):
+                    raise ValueError(f"cannot concat RolloutBatch: field {f.name!r} is set in some batches only")
+                out[f.name] = merged
+            elif len({v.dim() for v in values}) > 1:
+                raise ValueError(f"cannot concat RolloutBatch: field {f.name!r} has different ranks")
             elif f.name in ("prompt_ids", "prompt_mask"):
                 pad = pad_token_id if f.name == "prompt_ids" else 0
                 out[f.name] = torch.cat([_pad_to(v, lp, pad, left=True) for v in values])

@@ -45,7 +45,8 @@ def agg_loss(
     """
     _check_mode(mode)
     m = mask.to(loss_mat.dtype)
-    masked = loss_mat * m
+    # where, not loss_mat * m: a NaN/inf at a masked position must not turn the sum into NaN
+    masked = torch.where(mask.bool(), loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device))
     if mode == "token-mean":
         denom = m.sum() if denominator is None else denominator
         return masked.sum() / _at_least_one(denom, loss_mat)

@@ -17,8 +17,15 @@ import dataclasses
 import torch
 
 from .aggregate import agg_loss
-from .masks import expand_advantages, high_entropy_mask, high_entropy_threshold, s2t_candidates, s2t_mask
-from .masks import s2t_threshold
+from .masks import (
+    expand_advantages,
+    high_entropy_mask,
+    high_entropy_threshold,
+    quantile,
+    s2t_candidates,
+    s2t_mask,
+    s2t_threshold,
+)
 from .registry import register_objective
 
 LOG_RATIO_CLAMP = 20.0  # keeps exp() finite for stale tokens (verl clamps the same way)
@@ -66,6 +73,11 @@ class Entropy20Config(JustRLConfig):
     normalize_by: str = "selected"
     entropy_threshold: float | None = None  # mini-batch-wide cut; None = this batch's own
 
+    def __post_init__(self):
+        # checked here so `loss_token_mask` (which never calls the loss) rejects a typo too
+        if self.normalize_by not in ("selected", "all"):
+            raise ValueError(f"normalize_by must be 'selected' or 'all', got {self.normalize_by!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class STAPOConfig(JustRLConfig):
@@ -103,6 +115,15 @@ def _clip_objective(cfg, logprobs, old_logprobs, advantages, response_mask, *, e
     """Shared body: clipped surrogate (+ optional k3 KL), reduced over ``loss_mask``."""
     valid = response_mask.bool()
     loss_mask = valid if loss_mask is None else loss_mask
+    # Padded positions may hold garbage (-inf, NaN) in any input. Masking only the output is not
+    # enough: backward multiplies the zero upstream grad by e.g. a NaN advantage and gets NaN.
+    # torch.where's backward sends an exact 0 to the unselected branch, so swap the garbage out here.
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    logprobs = torch.where(valid, logprobs, zero)
+    old_logprobs = torch.where(valid, old_logprobs, zero)
+    advantages = torch.where(valid, expand_advantages(advantages, logprobs).to(logprobs.dtype), zero)
+    if ref_logprobs is not None:
+        ref_logprobs = torch.where(valid, ref_logprobs, zero)
     pg, clips, log_ratio = clipped_surrogate(logprobs, old_logprobs, advantages, cfg)
     metrics = {f"actor/clip_frac_{k}": _masked_mean(v, valid) for k, v in clips.items()}
     # k3 estimator of KL(old || current) on the sampled tokens
@@ -172,15 +193,13 @@ def _entropy20_overrides(cfg, stats, gather):
 )
 def entropy20(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy, **kw):
     """Beyond the 80/20 rule: the `justrl` loss on the top ``top_ratio`` tokens by entropy only."""
-    if cfg.normalize_by not in ("selected", "all"):
-        raise ValueError(f"normalize_by must be 'selected' or 'all', got {cfg.normalize_by!r}")
     kept = _entropy20_kept(cfg, entropy, response_mask)
     if cfg.normalize_by == "selected":
         loss, metrics = _clip_objective(cfg, logprobs, old_logprobs, advantages, response_mask,
                                         entropy=entropy, loss_mask=kept, **kw)
     else:
         # numerator restricted to kept tokens, denominator over all valid tokens
-        adv = expand_advantages(advantages, logprobs) * kept
+        adv = torch.where(kept, expand_advantages(advantages, logprobs), 0.0)
         loss, metrics = _clip_objective(cfg, logprobs, old_logprobs, adv, response_mask, entropy=entropy, **kw)
     metrics["entropy20/kept_fraction"] = _masked_mean(kept, response_mask)
     return loss, metrics
@@ -222,7 +241,7 @@ def stapo(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy, **
     if cfg.entropy_threshold is not None:
         tau = cfg.entropy_threshold
     elif bool(cand.any()):
-        tau = float(torch.quantile(entropy.detach().double()[cand], cfg.entropy_quantile))
+        tau = quantile(entropy.detach()[cand], cfg.entropy_quantile)
     else:
         tau = float("nan")  # no candidates: no threshold
     metrics["s2t/entropy_threshold"] = torch.tensor(tau if tau != float("-inf") else float("nan"))

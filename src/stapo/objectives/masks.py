@@ -20,12 +20,12 @@ import torch
 
 __all__ = [
     "expand_advantages",
-    "s2t_candidates",
-    "s2t_mask",
-    "s2t_threshold",
     "high_entropy_mask",
     "high_entropy_threshold",
     "quantile",
+    "s2t_candidates",
+    "s2t_mask",
+    "s2t_threshold",
 ]
 
 NO_CANDIDATES = float("-inf")  # τ_h when nothing is a candidate: `H < -inf` silences nothing
@@ -42,11 +42,34 @@ def expand_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Ten
     return advantages
 
 
+TORCH_QUANTILE_MAX = 2**24  # torch.quantile refuses larger inputs ("input tensor is too large")
+
+
 def quantile(values: torch.Tensor, q: float) -> float:
-    """Linear-interpolation quantile of a 1-D tensor, as ``torch.quantile`` (float64 for exact ties)."""
+    """Linear-interpolation quantile of a 1-D tensor, as ``torch.quantile`` (float64 for exact ties).
+
+    Above ``TORCH_QUANTILE_MAX`` elements (a 20-Entropy cut over every valid token of a large
+    mini-batch reaches it) the same interpolation is done on a full sort, as torch does it.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile level must be in [0, 1], got {q}")
     if values.numel() == 0:
         raise ValueError("quantile of an empty tensor")
-    return float(torch.quantile(values.detach().to(torch.float64), q))
+    values = values.detach().to(torch.float64).reshape(-1)
+    if values.numel() <= TORCH_QUANTILE_MAX:
+        return float(torch.quantile(values, q))
+    ordered = values.sort().values  # [N]
+    rank = torch.tensor(q * (ordered.numel() - 1), dtype=torch.float64)
+    below, above = rank.floor().long(), rank.ceil().long()
+    # torch.quantile's linear mode: lerp(v[floor(r)], v[ceil(r)], r - floor(r))
+    return float(torch.lerp(ordered[below], ordered[above], rank - below))
+
+
+def _check_level(name: str, value: float, *, open_low: bool = False) -> None:
+    """A clear error naming the option, even when the data would never reach the quantile."""
+    above_low = value > 0.0 if open_low else value >= 0.0
+    if not (above_low and value <= 1.0):  # written so NaN fails too
+        raise ValueError(f"{name} must be in {'(0' if open_low else '[0'}, 1], got {value}")
 
 
 def s2t_candidates(
@@ -57,7 +80,7 @@ def s2t_candidates(
 ) -> torch.Tensor:
     """S2T candidates: valid tokens with A > 0 and current-policy p < τ_p.  Shape [B, T], bool."""
     adv = expand_advantages(advantages, logprobs).detach()
-    prob = logprobs.detach().float().exp()
+    prob = logprobs.detach().to(torch.float64).exp()  # float64: the τ_p cut is decided on the exact value
     return response_mask.bool() & (adv > 0) & (prob < prob_threshold)
 
 
@@ -73,6 +96,7 @@ def s2t_threshold(
     over all ranks; see ``stapo.distributed.gather_variable``. Returns -inf when there
     is no candidate anywhere, which silences nothing.
     """
+    _check_level("entropy_quantile", entropy_quantile)
     parts = []
     for logprobs, entropy, advantages, response_mask in micro_batches:
         cand = s2t_candidates(logprobs, advantages, response_mask, prob_threshold)
@@ -100,6 +124,7 @@ def s2t_mask(
     ``entropy_threshold`` uses that τ_h instead (the mini-batch-wide value).
     All inputs are used detached. No candidates -> nothing is silenced.
     """
+    _check_level("entropy_quantile", entropy_quantile)
     cand = s2t_candidates(logprobs, advantages, response_mask, prob_threshold)
     ent = entropy.detach().to(torch.float64)
     if entropy_threshold is None:
@@ -116,6 +141,7 @@ def high_entropy_threshold(
 
     Returns the (1 - top_ratio) quantile of valid-token entropies, +inf if there are none.
     """
+    _check_level("top_ratio", top_ratio, open_low=True)
     parts = [entropy.detach().to(torch.float64)[mask.bool()] for entropy, mask in micro_batches]
     values = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     if gather is not None:
@@ -130,8 +156,7 @@ def high_entropy_mask(
     entropy_threshold: float | None = None,
 ) -> torch.Tensor:
     """Beyond the 80/20 rule (Wang et al., 2025): True = kept (a top-``top_ratio`` entropy token)."""
-    if not 0.0 < top_ratio <= 1.0:
-        raise ValueError(f"top_ratio must be in (0, 1], got {top_ratio}")
+    _check_level("top_ratio", top_ratio, open_low=True)
     valid = response_mask.bool()
     ent = entropy.detach().to(torch.float64)
     if entropy_threshold is None:

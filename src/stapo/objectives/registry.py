@@ -28,6 +28,7 @@ class TokenStats(NamedTuple):
     entropy: torch.Tensor | None
     advantages: torch.Tensor
     response_mask: torch.Tensor
+    teacher_logprobs: torch.Tensor | None = None  # privileged-context log-probs (self-distillation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Objective:
     needs_entropy: bool = False
     loss_mask: Callable[..., torch.Tensor] | None = None
     minibatch_overrides: Callable[..., dict[str, Any]] | None = None
+    needs_teacher: bool = False  # takes `teacher_logprobs` [B, T] (self-distillation objectives)
 
     def config(self, **overrides) -> Any:
         """The paper defaults with ``overrides`` applied; unknown keys are an error that lists the valid ones."""
@@ -61,13 +63,15 @@ def register_objective(
     needs_entropy: bool = False,
     loss_mask: Callable[..., torch.Tensor] | None = None,
     minibatch_overrides: Callable[..., dict[str, Any]] | None = None,
+    needs_teacher: bool = False,
 ):
     """Decorator: add ``fn`` to the registry under ``name``. A duplicate name is an error."""
 
     def decorate(fn):
         if name in _REGISTRY:
             raise ValueError(f"objective {name!r} is already registered")
-        _REGISTRY[name] = Objective(name, fn, config_cls, needs_entropy, loss_mask, minibatch_overrides)
+        _REGISTRY[name] = Objective(name, fn, config_cls, needs_entropy, loss_mask, minibatch_overrides,
+                                    needs_teacher)
         return fn
 
     return decorate
@@ -89,6 +93,7 @@ def policy_loss(
     *,
     entropy: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
     denominator: float | None = None,
     **overrides,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -109,6 +114,14 @@ def policy_loss(
             "logprobs, old_logprobs and response_mask must share a shape, got "
             f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(response_mask.shape)}"
         )
+    for field, value in (("entropy", entropy), ("ref_logprobs", ref_logprobs)):
+        if value is not None and value.shape != logprobs.shape:
+            raise ValueError(f"`{field}` shape {tuple(value.shape)} != logprobs shape {tuple(logprobs.shape)}")
+    extra = {}
+    if obj.needs_teacher:
+        if teacher_logprobs is None:
+            raise ValueError(f"objective {name!r} needs `teacher_logprobs` [B, T] from the privileged-context pass")
+        extra["teacher_logprobs"] = teacher_logprobs
     return obj.fn(
         cfg,
         logprobs,
@@ -118,6 +131,7 @@ def policy_loss(
         entropy=entropy,
         ref_logprobs=ref_logprobs,
         denominator=denominator,
+        **extra,
     )
 
 
@@ -133,6 +147,8 @@ def loss_token_mask(
     obj = get_objective(name)
     if obj.loss_mask is None:
         return response_mask.bool()
+    if obj.needs_entropy and entropy is None:
+        raise ValueError(f"objective {name!r} needs per-token `entropy` [B, T] for its loss mask")
     return obj.loss_mask(obj.config(**overrides), logprobs, entropy, advantages, response_mask)
 
 
@@ -145,4 +161,6 @@ def minibatch_overrides(name: str, stats: Sequence[TokenStats], gather=None, **o
     obj = get_objective(name)
     if obj.minibatch_overrides is None:
         return {}
+    if obj.needs_entropy and any(s.entropy is None for s in stats):
+        raise ValueError(f"objective {name!r} needs per-token `entropy` in every TokenStats")
     return obj.minibatch_overrides(obj.config(**overrides), stats, gather)

@@ -1,0 +1,180 @@
+"""The demo's base model: tiny tokenizer + tiny Qwen3, warm-started by a short SFT pass, cached on disk.
+
+``build_base_model(cache_dir)`` returns a directory that ``AutoModelForCausalLM`` and
+``AutoTokenizer`` load. The directory is ``cache_dir/demo-base-<hash>``, where the hash
+covers every setting (and ``RECIPE_VERSION``), so different settings coexist and a
+second call with the same settings reuses the model without retraining. The build
+writes into a temporary sibling directory and renames it into place, so a crash or a
+concurrent builder never leaves a half-written model under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .sft import encode_example, encode_prompt, train_sft
+from .task import make_problems
+
+RECIPE_VERSION = 1  # bump when the build changes in a way the settings do not capture
+INFO_FILE = "stapo_demo_base.json"
+_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", INFO_FILE)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelSettings:
+    """Everything that determines the built model; hashed into the cache key."""
+
+    seed: int = 0
+    sft_steps: int = 300
+    sft_batch_size: int = 128
+    sft_lr: float = 1e-3
+    sft_warmup_steps: int = 10
+    sft_weight_decay: float = 0.0
+    max_operand: int = 99  # task difficulty (see stapo.demo.task)
+    tokenizer_problems: int = 2000  # problems whose texts train the BPE
+    vocab_size: int = 96  # BPE upper bound; the demo corpus runs out of merges below it
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    head_dim: int = 32
+    recipe_version: int = RECIPE_VERSION
+
+    def __post_init__(self):
+        for name in ("sft_steps", "sft_batch_size", "max_operand", "tokenizer_problems", "vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        if not self.sft_lr > 0:
+            raise ValueError(f"sft_lr: must be > 0, got {self.sft_lr!r}")
+
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def base_model_dir(cache_dir: str | os.PathLike, settings: BaseModelSettings) -> Path:
+    """Where ``build_base_model`` puts (or finds) the model for ``settings``."""
+    return Path(cache_dir) / f"demo-base-{settings.key()[:12]}"
+
+
+def is_built(path: Path, settings: BaseModelSettings) -> bool:
+    """True when ``path`` holds a complete build made with exactly ``settings``."""
+    if not all((path / name).is_file() for name in _REQUIRED):
+        return False
+    try:
+        info = json.loads((path / INFO_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return info.get("hash") == settings.key()
+
+
+def build_tokenizer(settings: BaseModelSettings):
+    """BPE over rendered demo texts (chat-templated prompt + solution), every digit its own token."""
+    from ..models.tiny import train_tokenizer
+
+    problems = make_problems(settings.tokenizer_problems, settings.seed, "train", max_operand=settings.max_operand)
+    # The chat template is a Jinja string that renders the same under any tokenizer, so a
+    # bootstrap tokenizer renders the prompts; training the real BPE on the rendered text
+    # puts the template's words ("Question:", "Answer:") in the vocabulary (there is no
+    # unknown token: unseen characters would silently vanish).
+    bootstrap = train_tokenizer([p.meta["solution"] for p in problems[:10]], vocab_size=settings.vocab_size)
+    texts = [
+        bootstrap.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False, add_generation_prompt=True)
+        + p.meta["solution"]
+        for p in problems
+    ]
+    return train_tokenizer(texts, vocab_size=settings.vocab_size)
+
+
+def build_base_model(
+    cache_dir: str | os.PathLike,
+    settings: BaseModelSettings | None = None,
+    *,
+    log: Callable[[str], None] | None = print,
+    **overrides,
+) -> Path:
+    """Build (or reuse) the demo base model; returns its directory.
+
+    ``overrides`` are ``BaseModelSettings`` fields, e.g. ``build_base_model(d, seed=1,
+    sft_steps=300, sft_batch_size=128, sft_lr=1e-3)``. Steps: train the tokenizer, build
+    ``tiny_qwen3`` (hidden 128, 2 layers, 4 heads, head_dim 32, tied embeddings), SFT it
+    on ``sft_steps * sft_batch_size`` distinct training problems (one pass), save model
+    (safetensors) + tokenizer + ``INFO_FILE`` (settings, hash, SFT losses and timings).
+    ``log=None`` silences progress.
+    """
+    from ..models.tiny import tiny_qwen3
+
+    say = log or (lambda _msg: None)
+    settings = dataclasses.replace(settings or BaseModelSettings(), **overrides)
+    seed, sft_steps, sft_batch_size = settings.seed, settings.sft_steps, settings.sft_batch_size
+    final = base_model_dir(cache_dir, settings)
+    if is_built(final, settings):
+        say(f"demo base model: reusing {final}")
+        return final
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    tokenizer = build_tokenizer(settings)
+    model = tiny_qwen3(
+        len(tokenizer),
+        hidden_size=settings.hidden_size,
+        num_layers=settings.num_layers,
+        num_heads=settings.num_heads,
+        head_dim=settings.head_dim,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        seed=seed,
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"demo base model: vocab {len(tokenizer)}, {n_params / 1e6:.2f}M params; SFT {sft_steps}x{sft_batch_size}")
+    problems = make_problems(sft_steps * sft_batch_size, seed, "train", max_operand=settings.max_operand)
+    examples = [encode_example(tokenizer, p) for p in problems]
+    with torch.random.fork_rng(devices=[]):  # SFT must not perturb the caller's RNG stream
+        torch.manual_seed(seed)
+        losses = train_sft(
+            model,
+            examples,
+            pad_token_id=tokenizer.pad_token_id,
+            steps=sft_steps,
+            batch_size=sft_batch_size,
+            lr=settings.sft_lr,
+            warmup_steps=settings.sft_warmup_steps,
+            weight_decay=settings.sft_weight_decay,
+            log=say,
+        )
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    info = {
+        "hash": settings.key(),
+        "settings": dataclasses.asdict(settings),
+        "vocab_size": len(tokenizer),
+        "n_params": n_params,
+        "prompt_example": tokenizer.decode(encode_prompt(tokenizer, problems[0].prompt)),
+        "sft": {"first_loss": losses[0], "last_loss": losses[-1], "losses": losses, "wall_s": wall, "cpu_s": cpu},
+    }
+
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
+    try:
+        model.save_pretrained(tmp)  # safetensors (transformers default)
+        tokenizer.save_pretrained(tmp)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
+        if final.exists() and not is_built(final, settings):
+            shutil.rmtree(final)  # a stale or foreign directory under our hashed name
+        try:
+            os.rename(tmp, final)  # atomic on one filesystem
+        except OSError:
+            if not is_built(final, settings):  # lost a race to a concurrent builder: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"demo base model: SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} in {wall:.0f}s wall / {cpu:.0f}s CPU; saved {final}")
+    return final

@@ -1,0 +1,265 @@
+"""The phases of one RL step, each a named function the loop calls in the order of Algorithm 1.
+
+Shapes: P prompts a step, G samples each, B = P·G rows, T response tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from ..advantages import group_advantages
+from ..batch import RolloutBatch
+from ..distributed import DistContext, all_reduce_sum, gather_variable
+from ..objectives import (
+    TokenStats,
+    count_units,
+    get_objective,
+    loss_token_mask,
+    minibatch_overrides,
+    policy_loss,
+)
+from ..rollout import SamplingConfig, collate_rollouts
+
+# metrics that add up over micro-batches instead of averaging
+SUM_METRICS = {"s2t/candidates", "s2t/silenced"}
+
+
+class ProblemSampler:
+    """Deterministic shuffled passes over the training problems; its cursor is checkpointed."""
+
+    def __init__(self, problems: list, seed: int, shuffle: bool = True):
+        if not problems:
+            raise ValueError("the training set is empty")
+        self.problems, self.seed, self.shuffle = problems, seed, shuffle
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.problems)))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(len(self.problems), generator=g).tolist()
+
+    def next(self, k: int) -> list:
+        out = []
+        while len(out) < k:
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self.problems[self._order[self.index]])
+            self.index += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._permutation()
+
+
+# --- 2. generate -------------------------------------------------------------------------------
+
+def sampling_config(rollout_cfg, n: int | None = None, seed: int | None = None) -> SamplingConfig:
+    return SamplingConfig(
+        temperature=rollout_cfg.temperature,
+        top_p=rollout_cfg.top_p,
+        top_k=0,
+        max_new_tokens=rollout_cfg.max_new_tokens,
+        n=rollout_cfg.n if n is None else n,
+        seed=seed,
+    )
+
+
+def generate_rollouts(generator, tokenizer, problems: list, prompts: list[str], rollout_cfg) -> RolloutBatch:
+    """G responses for each prompt string, collated into a ``RolloutBatch``."""
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    generations = generator.generate(prompt_ids, sampling_config(rollout_cfg))
+    return collate_rollouts(
+        problems, prompt_ids, generations, tokenizer.pad_token_id, mask_truncated=rollout_cfg.mask_truncated
+    )
+
+
+# --- 3. reward ---------------------------------------------------------------------------------
+
+def score_rollouts(pool, batch: RolloutBatch) -> dict[str, float]:
+    """Fill ``batch.rewards`` [B] from the reward pool; return reward metrics."""
+    golds = [p.answer for p in batch.problems]
+    scores = pool.score_batch(batch.response_texts, golds, lengths=batch.response_lengths.tolist())
+    batch.rewards = torch.tensor(scores, dtype=torch.float32)
+    metrics = {"reward/mean": float(batch.rewards.mean())}
+    metrics.update(pool.pop_metrics())
+    return metrics
+
+
+def split_constant_groups(batch: RolloutBatch, group_size: int) -> tuple[RolloutBatch, RolloutBatch]:
+    """(groups with mixed rewards, groups whose rewards are all equal): DAPO dynamic sampling."""
+    r = batch.rewards.view(-1, group_size)
+    mixed = (r != r[:, :1]).any(dim=1)
+    rows = torch.arange(len(batch)).view(-1, group_size)
+    return batch.select(rows[mixed].view(-1)), batch.select(rows[~mixed].view(-1))
+
+
+# --- 4. advantages -----------------------------------------------------------------------------
+
+def attach_advantages(batch: RolloutBatch, group_size: int, method: str) -> None:
+    batch.advantages = group_advantages(batch.rewards, group_size, method)  # [B]
+
+
+# --- 5. per-token statistics of a policy -------------------------------------------------------
+
+def policy_stats(model, batch: RolloutBatch, temperature: float, *, with_entropy: bool = True,
+                 with_collision: bool = False, fast: bool = True):
+    """Log-prob [B, T] (with grad if enabled) and detached entropy/collision [B, T] of the responses."""
+    from ..ops import model_token_stats
+
+    return model_token_stats(
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.prompt_ids.shape[1],
+        temperature=temperature,
+        with_entropy=with_entropy,
+        with_collision=with_collision,
+        fast=fast,
+    )
+
+
+@torch.no_grad()
+def compute_old_logprobs(model, batch: RolloutBatch, temperature: float, micro_batch_size: int,
+                         device, with_collision: bool = True, ref_model=None) -> None:
+    """Fill ``old_logprobs`` (and the rollout policy's entropy/collision) at the rollout temperature."""
+    lps, ents, cols, refs = [], [], [], []
+    for micro in batch.split(micro_batch_size):
+        micro = micro.to(device)
+        out = policy_stats(model, micro, temperature, with_collision=with_collision)
+        lps.append(out.logprobs.float().cpu())
+        ents.append(out.entropy.float().cpu())
+        if with_collision:
+            cols.append(out.collision.float().cpu())
+        if ref_model is not None:
+            refs.append(policy_stats(ref_model, micro, temperature, with_entropy=False).logprobs.float().cpu())
+    batch.old_logprobs = torch.cat(lps)
+    batch.old_entropy = torch.cat(ents)
+    batch.old_collision = torch.cat(cols) if cols else None
+    batch.ref_logprobs = torch.cat(refs) if refs else None
+
+
+# --- 6. update ---------------------------------------------------------------------------------
+
+class MetricMean:
+    """Weighted means (and plain sums for counts) of metric dicts over micro-batches."""
+
+    def __init__(self):
+        self.total, self.weight = defaultdict(float), defaultdict(float)
+
+    def add(self, metrics: dict, weight: float = 1.0) -> None:
+        for k, v in metrics.items():
+            v = float(v)
+            if math.isnan(v):
+                continue
+            if k in SUM_METRICS:
+                self.total[k] += v
+                self.weight[k] = 1.0
+            else:
+                self.total[k] += v * weight
+                self.weight[k] += weight
+
+    def result(self) -> dict[str, float]:
+        return {k: self.total[k] / self.weight[k] for k in self.total if self.weight[k] > 0}
+
+
+def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_fresh: bool,
+                  on_minibatch=None, ctx: DistContext = DistContext(), gate=None) -> dict[str, float]:
+    """``ppo_epochs`` passes of optimizer mini-batches of M prompts over ``batch``.
+
+    Per mini-batch: (1) mini-batch-wide thresholds from the current policy's
+    statistics, (2) gradient accumulation over micro-batches normalised by the
+    global unit count, (3) clip, (4) step — skipped when the loss or the gradient
+    norm is not finite. ``params_fresh``: the policy is still the one that computed
+    ``old_logprobs``, so the first mini-batch reuses those statistics instead of a
+    second forward pass. ``on_minibatch(stats, overrides)`` receives the detached
+    statistics (diagnostics hook).
+
+    Under DDP / FSDP2 ``batch`` is this rank's share of the global batch: thresholds
+    are taken over the gathered statistics of all ranks and the loss is divided by the
+    global unit count, so the update equals the single-process one. ``gate`` (optional,
+    e.g. DGG) sees the gradients before each step and may veto it.
+    """
+    name, opts = cfg.objective.name, dict(cfg.objective.options)
+    # Dr. GRPO's constant normaliser is the generation budget, not each micro-batch's padded T
+    opts.setdefault("norm_length", cfg.rollout.max_new_tokens)
+    obj = get_objective(name)
+    mode = obj.config(**opts).loss_agg_mode
+    rows = cfg.optim.mini_batch_prompts // ctx.world_size * cfg.rollout.n  # this rank's share of M
+    gather = gather_variable if ctx.world_size > 1 else None
+    # DDP and FSDP2 average gradients over ranks; the loss is already divided by the global
+    # count, so undo the average to get the sum the single-process update has
+    grad_scale = float(ctx.world_size)
+    temperature = cfg.rollout.temperature
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics, n_steps, n_skipped, n_gated = MetricMean(), 0, 0, 0
+
+    for _epoch in range(cfg.optim.ppo_epochs):
+        for mb in batch.split(rows):
+            micros = [m.to(device) for m in mb.split(cfg.optim.micro_batch_size)]
+            # (1) statistics of the current policy over the whole mini-batch
+            if params_fresh:
+                stats = [TokenStats(m.old_logprobs, m.old_entropy, m.advantages, m.response_mask, m.teacher_logprobs)
+                         for m in micros]
+            else:
+                stats = [_current_stats(model, m, temperature) for m in micros]
+            overrides = minibatch_overrides(name, stats, gather, **opts)
+            denominator = all_reduce_sum(sum(
+                count_units(loss_token_mask(name, s.logprobs, s.entropy, s.advantages, s.response_mask,
+                                            **opts, **overrides), mode)
+                for s in stats
+            ))
+            if on_minibatch is not None:
+                on_minibatch(micros, stats, overrides)
+            # (2) accumulate gradients; each micro-batch loss is already divided by the global count
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for m in micros:
+                out = policy_stats(model, m, temperature, with_entropy=obj.needs_entropy)
+                loss, mmetrics = policy_loss(
+                    name, out.logprobs, m.old_logprobs.to(out.logprobs.dtype), m.advantages, m.response_mask,
+                    entropy=out.entropy, ref_logprobs=m.ref_logprobs, teacher_logprobs=m.teacher_logprobs,
+                    denominator=denominator, **opts, **overrides,
+                )
+                (loss * grad_scale if grad_scale != 1.0 else loss).backward()
+                loss_sum += loss.detach().double().cpu()
+                metrics.add(mmetrics, weight=float(m.response_mask.sum()))
+            # (3) clip and (4) step, unless something is non-finite
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
+            loss_total = all_reduce_sum(float(loss_sum))
+            if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
+                n_skipped += 1
+            elif gate is not None and gate.veto(model, pass_index=_epoch):
+                n_gated += 1
+            else:
+                optimizer.step()
+                n_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            params_fresh = False
+            metrics.add({"actor/grad_norm": float(grad_norm), "actor/loss": loss_total})
+            if n_gated:
+                break
+        if n_gated:
+            break
+    out = metrics.result()
+    out.update({"train/optimizer_steps": n_steps, "train/nonfinite_skipped": n_skipped})
+    if gate is not None:
+        out["reuse/gated_steps"] = n_gated
+    return out
+
+
+@torch.no_grad()
+def _current_stats(model, micro: RolloutBatch, temperature: float) -> TokenStats:
+    out = policy_stats(model, micro, temperature)
+    return TokenStats(out.logprobs.float(), out.entropy.float(), micro.advantages, micro.response_mask,
+                      micro.teacher_logprobs)

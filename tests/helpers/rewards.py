@@ -1,0 +1,16 @@
+"""Reward functions used by trainer tests (imported by the reward pool's worker processes)."""
+
+import time
+
+
+def digit_reward(data_source, solution_str, ground_truth, extra_info=None):
+    """verl signature. 1.0 when the response contains the gold's first digit: random tiny models
+    hit it often enough that groups get mixed rewards and non-zero advantages."""
+    return 1.0 if str(ground_truth)[0] in solution_str else 0.0
+
+
+def sleepy_reward(data_source, solution_str, ground_truth, extra_info=None):
+    """Hangs on responses containing the digit 3: the pool must kill the worker and score 0."""
+    if "3" in solution_str:
+        time.sleep(60)
+    return 1.0 if str(ground_truth)[0] in solution_str else 0.0
