@@ -93,7 +93,7 @@ def run_worker(script: str, spec: dict, timeout: float | None = None) -> dict:
     """Run ``script --worker <json spec>`` in a fresh interpreter; return its last stdout line as JSON."""
     cmd = [sys.executable, script, WORKER_FLAG, json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timeout after {timeout} s"}
     if proc.returncode != 0:
@@ -119,7 +119,7 @@ def machine_description(device: str = "cpu") -> str:
 
     def sh(cmd: str) -> str:
         try:
-            return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(cmd, check=False, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
         except Exception:  # noqa: BLE001 - description only
             return "?"
 

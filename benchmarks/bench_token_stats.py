@@ -50,13 +50,9 @@ def _variant_fn(name: str, chunk_size: int, temperature: float, compile_chunks: 
     if name == "stapo":
         from stapo.ops import token_stats
 
-        if compile_chunks:
-            from stapo.ops import token_stats as mod
-
-            mod_impl = sys.modules[mod.__module__]
-            mod_impl._chunk_forward = torch.compile(mod_impl._chunk_forward, dynamic=False)
-            mod_impl._chunk_grad_logits = torch.compile(mod_impl._chunk_grad_logits, dynamic=False)
-        return lambda h, w, t: token_stats(h, w, t, temperature=temperature, chunk_size=chunk_size)[:2]
+        return lambda h, w, t: token_stats(
+            h, w, t, temperature=temperature, chunk_size=chunk_size, compile=compile_chunks
+        )[:2]
     if name == "trl-logits":
         from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
@@ -90,6 +86,8 @@ def worker(spec: dict) -> dict:
 
     torch.manual_seed(0)
     dev, dtype = spec["device"], getattr(torch, spec["dtype"])
+    if spec.get("tf32"):
+        torch.backends.cuda.matmul.allow_tf32 = True
     n, h_dim, v = spec["n"], spec["hidden"], spec["vocab"]
     # logits with std ≈ 2 (a realistic spread for an LM head)
     hidden = torch.randn(n, h_dim, device=dev).to(dtype).requires_grad_()
@@ -146,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-sizes", type=int, nargs="+", default=[1024], help="stapo chunk sizes to run")
     ap.add_argument("--frozen-head", action="store_true", help="W does not require grad (LoRA / frozen head)")
     ap.add_argument("--compile", action="store_true", help="torch.compile stapo's per-chunk functions")
+    ap.add_argument("--tf32", action="store_true",
+                    help="CUDA: allow TF32 matmuls for every variant (bf16 inputs are exact in TF32)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json", type=Path, help="append raw results (one JSON per line)")
@@ -158,12 +158,12 @@ def main(argv=None) -> int:
         results = []
         for variant in args.variants:
             for chunk in args.chunk_sizes if variant == "stapo" else [None]:
-                spec = dict(
-                    variant=variant, n=n, hidden=args.hidden, vocab=args.vocab, device=args.device,
-                    dtype=args.dtype, temperature=args.temperature, chunk_size=chunk or 1024,
-                    frozen_head=args.frozen_head, compile=args.compile and variant == "stapo",
-                    repeats=args.repeats,
-                )
+                spec = {
+                    "variant": variant, "n": n, "hidden": args.hidden, "vocab": args.vocab, "device": args.device,
+                    "dtype": args.dtype, "temperature": args.temperature, "chunk_size": chunk or 1024,
+                    "frozen_head": args.frozen_head, "compile": args.compile and variant == "stapo",
+                    "repeats": args.repeats,
+                }
                 r = run_worker(str(HERE), spec, timeout=args.timeout)
                 results.append(r)
                 if args.json:

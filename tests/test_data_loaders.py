@@ -40,8 +40,13 @@ def test_load_json_and_jsonl_with_configurable_fields(tmp_path):
         {"question": "AMC?", "solution": 27.0, "uid": "c", "level": 3},
         {"question": "Both roots?", "solution": ["1", "3"], "uid": "d", "level": 4},
     ]
-    for path in (write_json(tmp_path / "set.json", rows), write_json(tmp_path / "set.jsonl", rows, lines=True)):
-        ps = load_json(path, problem_field="question", answer_field="solution", id_field="uid", meta_fields=["level"])
+    for path in (
+        write_json(tmp_path / "set.json", rows),
+        write_json(tmp_path / "set.jsonl", rows, lines=True),
+    ):
+        ps = load_json(
+            path, problem_field="question", answer_field="solution", id_field="uid", meta_fields=["level"]
+        )
         assert [p.answer for p in ps] == ["2", "0.5", "27", ["1", "3"]]  # 27.0 -> "27"; a list is parts
         assert ps[0] == Problem(id="set/a", prompt="1+1?", answer="2", source="set", meta={"level": 1})
         assert ps[3].answer_parts == ["1", "3"] and ps[0].answer_parts == ["2"]
@@ -105,12 +110,22 @@ def test_verl_parquet_errors(tmp_path):
     with pytest.raises(DataError, match=r"noreward\.parquet: no column 'reward_model'"):
         load_verl_parquet(path)
     path = tmp_path / "nogt.parquet"
-    rows = [{"prompt": [{"role": "user", "content": "q"}], "reward_model": {"style": "rule", "ground_truth": None}}]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "reward_model": {"style": "rule", "ground_truth": None},
+        }
+    ]
     pq.write_table(pa.Table.from_pylist(rows), path)
     with pytest.raises(DataError, match=r"nogt\.parquet: row 0 has no field 'reward_model.ground_truth'"):
         load_verl_parquet(path)
     path = tmp_path / "nouser.parquet"
-    rows = [{"prompt": [{"role": "system", "content": "s"}], "reward_model": {"style": "rule", "ground_truth": "1"}}]
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": "s"}],
+            "reward_model": {"style": "rule", "ground_truth": "1"},
+        }
+    ]
     pq.write_table(pa.Table.from_pylist(rows), path)
     with pytest.raises(DataError, match=r"nouser\.parquet: row 0 field 'prompt' has no user message"):
         load_verl_parquet(path)
@@ -131,10 +146,12 @@ def test_write_verl_parquet_round_trip_and_reads_in_datasets(tmp_path):
     assert table.column_names == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
     row = table.to_pylist()[1]
     assert row["reward_model"] == {"style": "rule", "ground_truth": "1, 3"}  # a plain string for verl / TRL
-    assert row["prompt"] == [{"role": "user", "content": "Roots of $x^2-4x+3$?\n\n" + TEMPLATES["boxed"].split("\n\n")[1]}]
+    assert row["prompt"] == [
+        {"role": "user", "content": "Roots of $x^2-4x+3$?\n\n" + TEMPLATES["boxed"].split("\n\n")[1]}
+    ]
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=str(path), split="train")  # how TRL reads it
+    ds = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))
     assert ds[0]["prompt"][0]["role"] == "user" and ds[0]["reward_model"]["ground_truth"] == "2"
 
 
@@ -142,16 +159,35 @@ def test_write_verl_parquet_round_trip_and_reads_in_datasets(tmp_path):
 def fake_data_dir(tmp_path):
     bench = tmp_path / "benchmarks"
     bench.mkdir(parents=True)
-    write_json(bench / "minerva_math.jsonl", [{"problem": "p", "solution": "so $\\boxed{1.6 \\mathrm{~cm}}$.", "idx": 0}], True)
+    write_json(
+        bench / "minerva_math.jsonl",
+        [{"problem": "p", "solution": "so $\\boxed{1.6 \\mathrm{~cm}}$.", "idx": 0}],
+        True,
+    )
     olymp = [
-        {"id": 7, "question": "q", "final_answer": ["$69$,$84$"], "is_multiple_answer": True, "context": None},
-        {"id": 8, "question": "q2", "final_answer": ["$(1,2)$"], "is_multiple_answer": False, "context": "ctx"},
+        {
+            "id": 7,
+            "question": "q",
+            "final_answer": ["$69$,$84$"],
+            "is_multiple_answer": True,
+            "context": None,
+        },
+        {
+            "id": 8,
+            "question": "q2",
+            "final_answer": ["$(1,2)$"],
+            "is_multiple_answer": False,
+            "context": "ctx",
+        },
     ]
     write_json(bench / "olympiadbench.jsonl", olymp, True)
     write_json(bench / "amc23.jsonl", [{"id": 0, "problem": "p", "answer": 27.0}], True)
     train = tmp_path / "train"
     train.mkdir()
-    write_json(train / "math_train.json", [{"problem": "p", "answer": "3", "type": "Algebra"}, {"problem": "q", "answer": None}])
+    write_json(
+        train / "math_train.json",
+        [{"problem": "p", "answer": "3", "type": "Algebra"}, {"problem": "q", "answer": None}],
+    )
     return tmp_path
 
 
@@ -190,21 +226,42 @@ def test_cli_convert(tmp_path, capsys):
 
     src = write_json(tmp_path / "mine.jsonl", [{"q": "What is 2+2?", "a": 4}], lines=True)
     out = tmp_path / "mine.parquet"
-    assert main(["data", "convert", str(src), str(out), "--problem-field", "q", "--answer-field", "a", "--template", "dapo"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                str(src),
+                str(out),
+                "--problem-field",
+                "q",
+                "--answer-field",
+                "a",
+                "--template",
+                "dapo",
+            ]
+        )
+        == 0
+    )
     assert "wrote 1 problems" in capsys.readouterr().out
     row = pq.read_table(out).to_pylist()[0]
     assert row["prompt"][0]["content"] == apply_template("What is 2+2?", "dapo")
     assert load_problems(out)[0].prompt == "What is 2+2?" and load_problems(out)[0].answer == "4"
     data = fake_data_dir(tmp_path / "d")
     with pytest.warns(UserWarning):
-        assert main(["data", "convert", "math_train", str(tmp_path / "t.parquet"), "--data-dir", str(data)]) == 0
+        assert (
+            main(["data", "convert", "math_train", str(tmp_path / "t.parquet"), "--data-dir", str(data)]) == 0
+        )
     assert load_verl_parquet(tmp_path / "t.parquet")[0].id == "math_train/0"
 
 
 # ---- prompts -------------------------------------------------------------------------------------
 def test_templates():
     q = "Find $x$ if $\\{x\\} = 1$."  # braces must survive (no str.format)
-    assert apply_template(q, "boxed") == q + "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert (
+        apply_template(q, "boxed")
+        == q + "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+    )
     assert apply_template(q, "dapo") == (
         "Solve the following math problem step by step. The last line of your response should be of the form "
         "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
@@ -227,8 +284,12 @@ def test_build_prompt_chat_and_plain():
     plain_tok = train_tokenizer(texts, chat_template=False)
     p = Problem("t/0", "What is 1+1?", "2", "t")
     body = apply_template(p.prompt, "boxed")
-    expected = chat_tok.apply_chat_template([{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True)
-    assert build_prompt(p, chat_tok) == expected == f"Question: {body}\nAnswer: "  # the tokenizer's own template
+    expected = chat_tok.apply_chat_template(
+        [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
+    )
+    assert (
+        build_prompt(p, chat_tok) == expected == f"Question: {body}\nAnswer: "
+    )  # the tokenizer's own template
     assert build_prompt(p, chat_tok, use_chat_template=False) == PLAIN_TEMPLATE.replace("{prompt}", body)
     assert build_prompt(p, plain_tok) == f"User: {body}\nAssistant:"  # no chat template: plain frame
     assert build_prompt(p) == build_prompt(p, plain_tok)

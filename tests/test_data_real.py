@@ -42,12 +42,21 @@ def pool():
 
 
 def test_row_counts(shared_data_dir):
-    assert ROWS == {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva": 272, "olympiadbench": 675}
+    assert ROWS == {
+        "aime24": 30,
+        "aime25": 30,
+        "amc23": 40,
+        "math500": 500,
+        "minerva": 272,
+        "olympiadbench": 675,
+    }
     for name in BENCHMARKS:
         problems = load_benchmark(name, shared_data_dir)
         assert len(problems) == ROWS[name], name
         assert len({p.id for p in problems}) == len(problems), f"{name}: ids are not unique"
-        assert all(p.prompt.strip() and p.answer_parts and all(a.strip() for a in p.answer_parts) for p in problems)
+        assert all(
+            p.prompt.strip() and p.answer_parts and all(a.strip() for a in p.answer_parts) for p in problems
+        )
     with pytest.warns(UserWarning, match=r"rows \[886, 1009, 5328, 5330\]"):
         assert len(load_problems("math_train", shared_data_dir)) == 7474 - 4
     assert len(load_problems("aime_1983_2023", shared_data_dir)) == 975

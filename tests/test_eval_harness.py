@@ -12,8 +12,16 @@ from stapo.eval.settings import EvalSettings
 
 
 def _sample(i, j, answer, correct):
-    return {"benchmark": "toy", "problem_index": i, "sample_index": j, "response": f"\\boxed{{{answer}}}",
-            "answer": answer, "correct": correct, "num_tokens": 5, "finish_reason": "stop"}
+    return {
+        "benchmark": "toy",
+        "problem_index": i,
+        "sample_index": j,
+        "response": f"\\boxed{{{answer}}}",
+        "answer": answer,
+        "correct": correct,
+        "num_tokens": 5,
+        "finish_reason": "stop",
+    }
 
 
 def test_maj_at_k_groups_answers_with_the_verifier():
@@ -24,8 +32,11 @@ def test_maj_at_k_groups_answers_with_the_verifier():
     # problem 1, gold 7: "7.0" and "7" agree; "x" is garbage; None casts no vote.
     answers = [["3", "0.5", "3", "\\frac{1}{2}", "1/2"], ["x", None, "7.0", "7", "8"]]
     correct = [[False, True, False, True, True], [False, False, True, True, False]]
-    samples = {("toy", i, j): _sample(i, j, a, c)
-               for i in range(2) for j, (a, c) in enumerate(zip(answers[i], correct[i]))}
+    samples = {
+        ("toy", i, j): _sample(i, j, a, c)
+        for i in range(2)
+        for j, (a, c) in enumerate(zip(answers[i], correct[i]))
+    }
     problems = {"toy": [Problem("toy/0", "q", "\\frac{1}{2}", "toy"), Problem("toy/1", "q", "7", "toy")]}
     settings = EvalSettings(benchmarks=("toy",), samples={"toy": 5})
     with RewardPool("math", num_workers=1) as pool:
@@ -50,15 +61,20 @@ def test_chunks_are_fixed_problem_groups():
 
 
 def test_evaluate_in_memory_model_as_the_trainer_calls_it(tmp_path):
-    from stapo.eval import evaluate
+    from stapo.eval import evaluate_step, step_results
     from stapo.models.tiny import tiny_model_and_tokenizer
 
     problems = [Problem(f"toy/{i}", f"What is {i} + {i}?", str(2 * i), "toy") for i in range(3)]
     model, tok = tiny_model_and_tokenizer([p.prompt for p in problems] + ["\\boxed{4}"])
     settings = EvalSettings(benchmarks=("toy",), samples={"toy": 2}, max_new_tokens=6, reward_workers=1)
     model.train()  # the trainer's policy is in training mode between steps
-    results = evaluate(model, tok, {"toy": problems}, settings, tmp_path, progress=False)
-    assert results == json.loads((tmp_path / "results.json").read_text())
-    assert results["benchmarks"]["toy"]["n_problems"] == 3
-    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 6
-    assert model.training is True  # left as it was found
+    for step in (5, 10):  # every k = 5 steps of a run
+        results = evaluate_step(tmp_path, step, model, tok, {"toy": problems}, settings)
+        out = tmp_path / "eval" / f"step_{step:06d}"
+        assert results == json.loads((out / "results.json").read_text())
+        assert results["benchmarks"]["toy"]["n_problems"] == 3
+        assert len((out / "samples.jsonl").read_text().splitlines()) == 6
+        assert model.training is True  # left as it was found
+    assert [s for s, _ in step_results(tmp_path / "eval")] == [5, 10]
+    assert (tmp_path / "eval" / "accuracy_vs_step.png").exists()
+    assert "| step 5 |" in (tmp_path / "eval" / "steps.md").read_text()

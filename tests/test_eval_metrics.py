@@ -58,7 +58,7 @@ def test_pass_at_1_is_the_fraction_correct_and_bad_input_is_rejected():
 def test_pass_at_k_grows_with_k_and_with_c(n, data):
     c = data.draw(st.integers(0, n))
     values = [pass_at_k(n, c, k) for k in range(1, n + 1)]
-    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:]))
+    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(values))
     if c < n:
         assert all(pass_at_k(n, c, k) <= pass_at_k(n, c + 1, k) + 1e-12 for k in range(1, n + 1))
 
@@ -149,8 +149,15 @@ def test_settings_presets_overrides_and_seeds():
 
 
 def _rec(b, i, j):
-    return {"benchmark": b, "problem_index": i, "sample_index": j, "response": "r", "answer": None,
-            "correct": False, "num_tokens": 1}
+    return {
+        "benchmark": b,
+        "problem_index": i,
+        "sample_index": j,
+        "response": "r",
+        "answer": None,
+        "correct": False,
+        "num_tokens": 1,
+    }
 
 
 def test_sample_store_cuts_a_torn_tail_and_rejects_a_corrupt_middle(tmp_path):

@@ -53,7 +53,7 @@ def test_logprobs_equal_generate_scores(model_tok, fast, sampling):
     model, tok = model_tok
     assert (tok(PROMPTS, padding=True, return_tensors="pt").attention_mask == 0).any()  # left padding
     temperature = 0.7 if sampling else 1.0
-    gen = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0) if sampling else dict(do_sample=False)
+    gen = {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0} if sampling else {"do_sample": False}
     seq, mask, p, scores = generated_batch(model, tok, **gen)
     # with no logits processors but the temperature warper, scores = logits / τ
     want = torch.log_softmax(scores.float(), -1).gather(-1, seq[:, p:, None]).squeeze(-1)  # [B, T]
@@ -64,6 +64,27 @@ def test_logprobs_equal_generate_scores(model_tok, fast, sampling):
     probs = torch.softmax(scores.float(), -1)
     torch.testing.assert_close(out.entropy, -(probs * probs.log()).sum(-1), rtol=0, atol=1e-4)
     torch.testing.assert_close(out.collision, (probs * probs).sum(-1), rtol=0, atol=1e-5)
+
+
+def test_absolute_positions_model_matches_generate(model_tok):
+    # GPT-2 adds absolute position embeddings: numbering from the first pad would change every
+    # statistic of a left-padded row, so this checks the explicit generation position ids
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tok = model_tok
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=2, n_head=2,
+                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg).eval()
+    assert fast_path_blocker(model) is None
+    seq, mask, p, scores = generated_batch(model, tok, do_sample=False)
+    want = torch.log_softmax(scores.float(), -1).gather(-1, seq[:, p:, None]).squeeze(-1)
+    with torch.no_grad():
+        out = model_token_stats(model, seq, mask, p)
+        plain = model(seq, attention_mask=mask).logits[:, p - 1 : -1].log_softmax(-1)
+    torch.testing.assert_close(out.logprobs, want, rtol=0, atol=1e-4)
+    plain_lp = plain.gather(-1, seq[:, p:, None]).squeeze(-1)
+    assert (plain_lp - want).abs().max() > 1e-2  # without them the padded rows are off
 
 
 def test_position_ids_follow_generate():

@@ -55,6 +55,13 @@ def test_hung_and_crashing_workers_are_killed_and_replaced(verl_pool):
     assert verl_pool.score_batch(["so 7"], ["7"]) == [1.0]
 
 
+def test_memory_bomb_fails_fast_without_a_restart(verl_pool):
+    verl_pool.pop_metrics()
+    assert verl_pool.score_batch(["MEMBOMB 1", "so 2"], ["1", "2"]) == [0.0, 1.0]
+    assert verl_pool.last_item_status[0] == "error" and verl_pool.last_item_seconds[0] < LIMIT
+    assert verl_pool.pop_metrics()["reward/worker_restarts"] == 0  # a MemoryError, not a kill
+
+
 def test_function_reward_spec():
     from fixtures import user_rewards
 

@@ -124,7 +124,7 @@ def _grads(fn, hidden, weight, targets, b, *, dtype, entropy_grad, frozen_head, 
 
 
 def _ref_fn(h, w, t, *, temperature, chunk_size, entropy_grad, bias):
-    lp, ent, col = reference(h, w, t, bias, temperature, entropy_grad)
+    lp, ent, _col = reference(h, w, t, bias, temperature, entropy_grad)
     return type("R", (), {"logprobs": lp, "entropy": ent})
 
 
@@ -142,6 +142,22 @@ def test_gradients_match_float64_reference(entropy_grad, frozen_head):
             continue
         assert g.dtype == torch.float32
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_gradients_of_confident_tokens(frozen_head):
+    # logits std 8 and targets = argmax: p(target) up to 0.9998, where (onehot − p) cancels;
+    # fp32 must stay as close to float64 as the plain fp32 log_softmax path does
+    hidden, weight, _, _ = make_inputs(n=64, h=32, v=500, scale=8.0, seed=5)
+    targets = (hidden @ weight.T).argmax(-1)
+    want = _grads(_ref_fn, hidden, weight, targets, None, dtype=torch.float64, entropy_grad=False,
+                  frozen_head=frozen_head)
+    for fn in (token_stats, naive_token_stats):
+        got = _grads(fn, hidden, weight, targets, None, dtype=torch.float32, entropy_grad=False,
+                     frozen_head=frozen_head)
+        for g, w in zip(got[:2], want[:2]):
+            if w is not None:
+                torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))
 
 
 def test_bf16_gradients_come_back_in_bf16():
@@ -231,20 +247,20 @@ def test_never_materialises_all_logits(frozen_head):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(targets=torch.tensor([0, 101, 3])), "targets must lie in"),
-        (dict(targets=torch.tensor([0, -1, 3])), "targets must lie in"),
-        (dict(targets=torch.tensor([0, 1])), "targets shape"),
-        (dict(targets=torch.tensor([0.0, 1.0, 2.0])), "targets must be integer"),
-        (dict(weight=torch.randn(101, 7)), "lm_head_weight must be"),
-        (dict(temperature=0.0), "temperature"),
-        (dict(chunk_size=0), "chunk_size"),
-        (dict(bias=torch.zeros(100)), "bias must be"),
+        ({"targets": torch.tensor([0, 101, 3])}, "targets must lie in"),
+        ({"targets": torch.tensor([0, -1, 3])}, "targets must lie in"),
+        ({"targets": torch.tensor([0, 1])}, "targets shape"),
+        ({"targets": torch.tensor([0.0, 1.0, 2.0])}, "targets must be integer"),
+        ({"weight": torch.randn(101, 7)}, "lm_head_weight must be"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"bias": torch.zeros(100)}, "bias must be"),
     ],
 )
 def test_bad_input_names_the_field(kwargs, match):
     hidden, weight, _, _ = make_inputs(n=3)
-    args = dict(hidden=hidden, weight=weight, targets=torch.tensor([0, 1, 2]), temperature=1.0,
-                chunk_size=4, bias=None)
+    args = {"hidden": hidden, "weight": weight, "targets": torch.tensor([0, 1, 2]), "temperature": 1.0,
+                "chunk_size": 4, "bias": None}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         token_stats(args["hidden"], args["weight"], args["targets"], temperature=args["temperature"],

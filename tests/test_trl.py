@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 
@@ -49,7 +50,8 @@ def _one_thread():
 
 
 def _config(cls=STAPOConfig, **overrides):
-    return cls(output_dir=tempfile.mkdtemp(prefix="stapo-trl-"), **{**BASE, **overrides})
+    # save_strategy="no": nothing is written there
+    return cls(output_dir=os.path.join(tempfile.gettempdir(), "stapo-trl-tests"), **{**BASE, **overrides})
 
 
 def _train(trainer_cls, config):
@@ -244,7 +246,7 @@ def test_segment_length_and_scope():
 def test_config_defaults_and_validation():
     cfg = _config()
     assert (cfg.s2t_enabled, cfg.s2t_prob_threshold, cfg.s2t_entropy_quantile) == (True, 0.002, 0.75)
-    plain = STAPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False)
+    plain = STAPOConfig(output_dir=_config().output_dir, use_cpu=True, bf16=False)
     assert (plain.epsilon_high, plain.delta, plain.disable_dropout, plain.loss_type) == (0.28, 10.0, True, "dapo")
     for name, bad in (("s2t_prob_threshold", 1.5), ("s2t_entropy_quantile", -0.1), ("s2t_entropy_quantile", float("nan"))):
         with pytest.raises(ValueError, match=name):
@@ -256,9 +258,6 @@ def test_trainer_rejects_grpo_config_and_mask_free_options():
     with pytest.raises(TypeError, match="STAPOConfig"):
         STAPOTrainer(model=model, reward_funcs=digit_fraction, args=_config(GRPOConfig), train_dataset=prompts(),
                      processing_class=tok)
-    default = STAPOTrainer(model=model, reward_funcs=digit_fraction, train_dataset=prompts(), processing_class=tok)
-    assert isinstance(default.args, STAPOConfig) and default.args.s2t_enabled
-    model, tok = tiny_model_and_tok()
     liger = _config(use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": True})
     with pytest.raises(ValueError, match=r"S2T \(s2t_enabled=True\) cannot be combined.*fused_linear_cross_entropy"):
         STAPOTrainer(model=model, reward_funcs=digit_fraction, args=liger, train_dataset=prompts(),

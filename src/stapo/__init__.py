@@ -25,7 +25,17 @@ _LAZY = {
     "s2t_mask": "stapo.objectives",
 }
 
-__all__ = [*sorted(_LAZY), "__version__"]
+__all__ = [
+    "OBJECTIVES",
+    "RolloutBatch",
+    "__version__",
+    "agg_loss",
+    "group_advantages",
+    "high_entropy_mask",
+    "policy_loss",
+    "register_objective",
+    "s2t_mask",
+]
 
 
 def __getattr__(name: str):

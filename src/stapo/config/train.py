@@ -53,6 +53,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 1024
+    min_new_tokens: int = 0  # EOS suppressed before this many tokens (min = max fixes lengths, for benchmarks)
     generation_batch_size: int = 64  # sequences per generate() call (HF)
     mask_truncated: bool = False  # drop length-truncated responses from the loss
     dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards and refill (off, as the paper)
@@ -108,6 +109,28 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass
+class DistillConfig:
+    # teacher context of the self-distillation objectives (dasd, opsd, dasd_reverse; see docs/dasd.md):
+    # a name in stapo.distill.HINT_TEMPLATES ("reference", "demo") or a string with {question} and {hint}
+    hint_template: str = "reference"
+    answer_template: str = "The final answer is {answer}."  # the hint when a record has no meta["solution"]
+
+
+@dataclasses.dataclass
+class ReuseConfig:
+    # rollout reuse with Dynamic Gradient Gating (DGG, arXiv 2605.19425; docs/dgg.md). none: each rollout
+    # batch is used once (the plain trainer); fixed: K passes; dgg: up to K passes, each optimizer step
+    # vetoed when the z-score of the lm_head gradient's squared norm exceeds z_threshold (pass >= 2).
+    # A pass is optim.ppo_epochs sweeps over the mini-batches, so a batch sees up to K·ppo_epochs sweeps.
+    gate: Literal["none", "fixed", "dgg"] = "none"
+    max_reuse: int = 4  # K
+    window: int = 8  # W: accepted optimizer steps in the sliding window (persists across batches)
+    z_threshold: float = 0.5  # τ
+    statistic: Literal["norm", "increment"] = "norm"  # window of g, or of its step-to-step increment Δg
+    eps: float = 1e-8  # z = (x − mean) / (std + eps), std with n − 1
+
+
+@dataclasses.dataclass
 class TrainConfig:
     steps: int = 200
     seed: int = 0
@@ -129,6 +152,8 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    reuse: ReuseConfig = dataclasses.field(default_factory=ReuseConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
 
 # The built-in demo: the paper's recipe scaled to a 0.5M-parameter model on 2 CPU cores
@@ -143,6 +168,7 @@ DEMO: dict[str, Any] = {
     "optim": {"lr": 5e-5, "warmup_steps": 0, "mini_batch_prompts": 16, "micro_batch_size": 64},
     "objective": {"options": {}},
     "diagnostics": {"dump_every": 50},
+    "distill": {"hint_template": "demo"},  # only read by the self-distillation objectives
 }
 
 # Presets: objective name -> the paper's hyperparameters for that baseline.
@@ -175,6 +201,12 @@ def build_config(path: str | None = None, overrides: list[str] | None = None) ->
     return cfg
 
 
+def _world() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _validate(cfg: TrainConfig) -> None:
     from ..objectives import OBJECTIVES, get_objective
     from .schema import ConfigError
@@ -196,9 +228,30 @@ def _validate(cfg: TrainConfig) -> None:
          f"optim.mini_batch_prompts ({o.mini_batch_prompts})"),
         (o.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
         (r.temperature > 0, "rollout.temperature must be > 0 for RL (the loss uses logits / T)"),
+        (0 <= r.min_new_tokens <= r.max_new_tokens, "rollout.min_new_tokens must be in [0, rollout.max_new_tokens]"),
         (0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]"),
         (cfg.keep_last >= 1, "keep_last must be >= 1"),
+        (not (r.backend == "vllm" and cfg.parallel.strategy == "fsdp2"),
+         "rollout.backend=vllm with parallel.strategy=fsdp2 is not supported (weights are sharded); use ddp"),
+        (not (r.backend == "vllm" and cfg.model.lora.r > 0),
+         "rollout.backend=vllm with model.lora.r > 0 is not supported yet: merge-and-push of adapters is missing"),
+        (r.tis_cap is None or r.tis_cap > 0, "rollout.tis_cap must be > 0 (or null to disable TIS)"),
+        (cfg.parallel.strategy == "none" or (r.prompts_per_step % _world() == 0
+                                              and o.mini_batch_prompts % _world() == 0),
+         "rollout.prompts_per_step and optim.mini_batch_prompts must be multiples of the world size"),
+        (cfg.reuse.max_reuse >= 1, "reuse.max_reuse must be >= 1"),
+        (cfg.reuse.window >= 2, "reuse.window must be >= 2 (the z-score needs a standard deviation)"),
+        (cfg.reuse.eps > 0, "reuse.eps must be > 0"),
+        (cfg.reuse.gate != "dgg" or cfg.model.lora.r == 0,
+         "reuse.gate=dgg gates on the lm_head gradient, but LoRA (model.lora.r > 0) freezes the lm_head"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    if get_objective(cfg.objective.name).needs_teacher:  # self-distillation: the teacher context must render
+        from ..distill import check_templates
+
+        try:
+            check_templates(cfg.distill.hint_template, cfg.distill.answer_template)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None

@@ -1,8 +1,8 @@
 """Problems for training and evaluation: one record type, loaders for the formats in use, prompts.
 
-    problems = load_benchmark("math500", data_dir)          # or $STAPO_DATA_DIR
-    train = load_problems("math_train")                      # presets, .json/.jsonl, verl .parquet
-    text = build_prompt(problems[0], tokenizer)              # "... within \\boxed{}." + chat template
+problems = load_benchmark("math500", data_dir)          # or $STAPO_DATA_DIR
+train = load_problems("math_train")                      # presets, .json/.jsonl, verl .parquet
+text = build_prompt(problems[0], tokenizer)              # "... within \\boxed{}." + chat template
 """
 
 from .benchmarks import BENCHMARKS, load_benchmark

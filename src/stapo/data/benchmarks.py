@@ -84,7 +84,9 @@ def _olympiad(row: dict, i: int, path: Path) -> Problem:
         prompt=question,
         answer=parts[0] if len(parts) == 1 else parts,
         source="olympiadbench",
-        meta={k: row.get(k) for k in ("final_answer", "is_multiple_answer", "unit", "answer_type", "subfield")},
+        meta={
+            k: row.get(k) for k in ("final_answer", "is_multiple_answer", "unit", "answer_type", "subfield")
+        },
     )
 
 

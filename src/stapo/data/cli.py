@@ -17,8 +17,12 @@ def add_parser(subparsers) -> None:
     convert.add_argument("--answer-field", default="answer", help="JSON field with the gold answer")
     convert.add_argument("--id-field", default=None, help="JSON field with a row id (default: row index)")
     convert.add_argument("--source", default=None, help="data_source to record (default: file stem)")
-    convert.add_argument("--data-dir", default=None, help="folder with benchmarks/ and train/ (default: $STAPO_DATA_DIR)")
-    convert.add_argument("--template", default="boxed", help="instruction template in the user message: boxed, dapo, none")
+    convert.add_argument(
+        "--data-dir", default=None, help="folder with benchmarks/ and train/ (default: $STAPO_DATA_DIR)"
+    )
+    convert.add_argument(
+        "--template", default="boxed", help="instruction template in the user message: boxed, dapo, none"
+    )
     convert.add_argument("--limit", type=int, default=None, help="first N rows only")
     convert.set_defaults(func=convert_cmd)
 

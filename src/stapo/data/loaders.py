@@ -65,7 +65,9 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err}); JSON-lines files need the .jsonl extension") from err
+            raise DataError(
+                f"{path}: not valid JSON ({err}); JSON-lines files need the .jsonl extension"
+            ) from err
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
     for i, row in enumerate(rows):
@@ -131,7 +133,9 @@ def load_json(
     for i, row in enumerate(rows):
         prompt = get_field(row, problem_field, path, i)
         if not isinstance(prompt, str):
-            raise DataError(f"{path}: row {i} field {problem_field!r} is {type(prompt).__name__}, expected text")
+            raise DataError(
+                f"{path}: row {i} field {problem_field!r} is {type(prompt).__name__}, expected text"
+            )
         try:
             answer = answer_text(get_field(row, answer_field, path, i), path, i, answer_field)
         except DataError:
@@ -140,10 +144,17 @@ def load_json(
             skipped.append(i)
             continue
         key = get_field(row, id_field, path, i) if id_field else i
-        meta = {k: v for k, v in row.items() if k not in (problem_field, answer_field) and (keep is None or k in keep)}
+        meta = {
+            k: v
+            for k, v in row.items()
+            if k not in (problem_field, answer_field) and (keep is None or k in keep)
+        }
         problems.append(Problem(id=f"{source}/{key}", prompt=prompt, answer=answer, source=source, meta=meta))
     if skipped:
-        warnings.warn(f"{path}: left out {len(skipped)} rows without a usable {answer_field!r}: rows {skipped}", stacklevel=2)
+        warnings.warn(
+            f"{path}: left out {len(skipped)} rows without a usable {answer_field!r}: rows {skipped}",
+            stacklevel=2,
+        )
     return problems
 
 
@@ -154,7 +165,9 @@ def _user_content(messages: Any, path: Path, i: int) -> str:
         users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         if users and isinstance(users[-1], str):
             return users[-1]
-    raise DataError(f"{path}: row {i} field 'prompt' has no user message (expected [{{'role': 'user', 'content': ...}}])")
+    raise DataError(
+        f"{path}: row {i} field 'prompt' has no user message (expected [{{'role': 'user', 'content': ...}}])"
+    )
 
 
 def load_verl_parquet(path: str | os.PathLike, limit: int | None = None) -> list[Problem]:
@@ -182,10 +195,15 @@ def load_verl_parquet(path: str | os.PathLike, limit: int | None = None) -> list
         if len(parts) > 1:
             answer: str | list[str] = [str(p) for p in parts]
         else:
-            answer = answer_text(get_field(row, "reward_model.ground_truth", path, i), path, i, "reward_model.ground_truth")
+            answer = answer_text(
+                get_field(row, "reward_model.ground_truth", path, i), path, i, "reward_model.ground_truth"
+            )
         meta = json.loads(extra["meta"]) if isinstance(extra.get("meta"), str) else {}
         meta |= {k: v for k, v in extra.items() if k not in ("meta", "answer_parts", "id", "index")}
-        for key, value in (("ability", row.get("ability")), ("reward_style", (row["reward_model"] or {}).get("style"))):
+        for key, value in (
+            ("ability", row.get("ability")),
+            ("reward_style", (row["reward_model"] or {}).get("style")),
+        ):
             if value is not None:
                 meta.setdefault(key, value)
         question = strip_template(content)
@@ -212,7 +230,12 @@ def _verl_schema():
             (
                 "extra_info",
                 pa.struct(
-                    [("index", pa.int64()), ("id", pa.string()), ("answer_parts", pa.list_(pa.string())), ("meta", pa.string())]
+                    [
+                        ("index", pa.int64()),
+                        ("id", pa.string()),
+                        ("answer_parts", pa.list_(pa.string())),
+                        ("meta", pa.string()),
+                    ]
                 ),
             ),
         ]
@@ -269,7 +292,10 @@ PRESETS = {
 
 
 def load_problems(
-    path_or_preset: str | os.PathLike, data_dir: str | os.PathLike | None = None, limit: int | None = None, **json_fields
+    path_or_preset: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    **json_fields,
 ) -> list[Problem]:
     """Any supported input: a preset (``math_train``, ``aime_1983_2023``), a benchmark name, or a
     ``.parquet`` (verl), ``.json`` / ``.jsonl`` file (``json_fields`` go to ``load_json``)."""
@@ -280,7 +306,12 @@ def load_problems(
         preset = PRESETS[name]
         path = resolve_data_dir(data_dir) / preset.path
         return load_json(
-            path, preset.problem_field, preset.answer_field, source=name, limit=limit, on_missing=preset.on_missing
+            path,
+            preset.problem_field,
+            preset.answer_field,
+            source=name,
+            limit=limit,
+            on_missing=preset.on_missing,
         )
     if name in BENCHMARKS:
         return load_benchmark(name, data_dir)[:limit]

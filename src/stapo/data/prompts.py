@@ -33,7 +33,9 @@ def apply_template(question: str, template: str = "boxed") -> str:
     ``{question}`` (filled by replacement, not ``str.format``: LaTeX is full of braces)."""
     text = TEMPLATES.get(template, template)
     if "{question}" not in text:
-        raise ValueError(f"template {template!r}: expected one of {sorted(TEMPLATES)} or a string with '{{question}}'")
+        raise ValueError(
+            f"template {template!r}: expected one of {sorted(TEMPLATES)} or a string with '{{question}}'"
+        )
     return text.replace("{question}", question)
 
 

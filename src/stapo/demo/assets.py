@@ -107,7 +107,7 @@ def build_base_model(
     ``overrides`` are ``BaseModelSettings`` fields, e.g. ``build_base_model(d, seed=1,
     sft_steps=300, sft_batch_size=128, sft_lr=1e-3)``. Steps: train the tokenizer, build
     ``tiny_qwen3`` (hidden 128, 2 layers, 4 heads, head_dim 32, tied embeddings), SFT it
-    on ``sft_steps * sft_batch_size`` distinct training problems (one pass), save model
+    on a stream of ``sft_steps * sft_batch_size`` i.i.d. training problems, save model
     (safetensors) + tokenizer + ``INFO_FILE`` (settings, hash, SFT losses and timings).
     ``log=None`` silences progress.
     """
@@ -136,7 +136,9 @@ def build_base_model(
     )
     n_params = sum(p.numel() for p in model.parameters())
     say(f"demo base model: vocab {len(tokenizer)}, {n_params / 1e6:.2f}M params; SFT {sft_steps}x{sft_batch_size}")
-    problems = make_problems(sft_steps * sft_batch_size, seed, "train", max_operand=settings.max_operand)
+    problems = make_problems(
+        sft_steps * sft_batch_size, seed, "train", max_operand=settings.max_operand, distinct=False
+    )
     examples = [encode_example(tokenizer, p) for p in problems]
     with torch.random.fork_rng(devices=[]):  # SFT must not perturb the caller's RNG stream
         torch.manual_seed(seed)

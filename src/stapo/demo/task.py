@@ -76,8 +76,15 @@ def _draw(rng: random.Random, max_operand: int) -> tuple[list[int], list[str]] |
     return operands, ops
 
 
-def make_problems(n: int, seed: int, split: str = "train", *, max_operand: int = 99) -> list[Problem]:
-    """``n`` distinct problems of ``split`` ("train" or "heldout"), deterministic per seed.
+def make_problems(
+    n: int, seed: int, split: str = "train", *, max_operand: int = 99, distinct: bool = True
+) -> list[Problem]:
+    """``n`` problems of ``split`` ("train" or "heldout"), deterministic per seed.
+
+    ``distinct=True`` (evaluation sets, RL prompts) never repeats an expression;
+    ``distinct=False`` draws i.i.d. from the task distribution (the SFT stream: with
+    ``max_operand=99`` there are only ~13k two-operand training expressions, so a long
+    distinct stream would run out of them and drift towards three operands).
 
     Each is ``Problem(id="demo_arith/<expr>", prompt="Compute <expr>.", answer="<int>",
     source="demo_arith", meta={"solution": <reference solution>})``.
@@ -101,7 +108,7 @@ def make_problems(n: int, seed: int, split: str = "train", *, max_operand: int =
         if drawn is None:
             continue
         expr = expression(*drawn)
-        if expr in seen or split_of(expr) != split:
+        if (distinct and expr in seen) or split_of(expr) != split:
             continue
         seen.add(expr)
         text, value = solution(*drawn)

@@ -4,7 +4,7 @@
 every checkpoint of a run; ``stapo eval`` is the command line over both.
 """
 
-from .checkpoints import evaluate_checkpoints, find_checkpoints, step_results, summarize_steps
+from .checkpoints import evaluate_checkpoints, evaluate_step, find_checkpoints, step_results, summarize_steps
 from .harness import aggregate, evaluate, plan_chunks
 from .metrics import benchmark_metrics, k_ladder, macro_average, majority_vote, mean_and_stderr, pass_at_k
 from .report import detail_table, load_results, table1
@@ -20,6 +20,7 @@ __all__ = [
     "detail_table",
     "evaluate",
     "evaluate_checkpoints",
+    "evaluate_step",
     "find_checkpoints",
     "k_ladder",
     "load_results",

@@ -60,6 +60,35 @@ def summarize_steps(eval_root: str | Path) -> str:
     return table
 
 
+def evaluate_step(
+    run_dir: str | Path,
+    step: int,
+    model,
+    tokenizer,
+    problems_by_benchmark: dict[str, list],
+    settings: EvalSettings,
+    *,
+    generator=None,
+    progress: bool = False,
+) -> dict:
+    """The trainer's in-loop hook: evaluate the in-memory policy at ``step`` into
+    ``RUN/eval/step_XXXXXX/`` and refresh the run's accuracy-vs-step plot and table."""
+    from .harness import evaluate
+
+    results = evaluate(
+        model,
+        tokenizer,
+        problems_by_benchmark,
+        settings,
+        Path(run_dir) / "eval" / step_dir_name(step),
+        generator=generator,
+        model_name=f"{Path(run_dir).name}@{step}",
+        progress=progress,
+    )
+    summarize_steps(Path(run_dir) / "eval")
+    return results
+
+
 def evaluate_checkpoints(
     run_dir: str | Path,
     settings: EvalSettings,
@@ -82,17 +111,29 @@ def evaluate_checkpoints(
     eval_root = Path(run_dir) / "eval"
     ckpts = [(s, p) for s, p in find_checkpoints(run_dir) if not every or s % every == 0]
     if not ckpts:
-        raise FileNotFoundError(f"--run: no checkpoints/step_*/policy under {run_dir}" +
-                                (f" with step divisible by {every}" if every else ""))
+        raise FileNotFoundError(
+            f"--run: no checkpoints/step_*/policy under {run_dir}"
+            + (f" with step divisible by {every}" if every else "")
+        )
     for step, policy in ckpts:
         out = eval_root / step_dir_name(step)
         if (out / RESULTS).exists():
             old = json.loads((out / RESULTS).read_text())
-            if old.get("settings") == settings.to_dict() and list(old["benchmarks"]) == list(problems_by_benchmark):
+            if old.get("settings") == settings.to_dict() and list(old["benchmarks"]) == list(
+                problems_by_benchmark
+            ):
                 continue
         model, tok, gen = load_for_eval(str(policy), settings.backend, dtype, device, settings.batch_size)
-        evaluate(model, tok, problems_by_benchmark, settings, out, generator=gen, model_name=str(policy),
-                 progress=progress)
+        evaluate(
+            model,
+            tok,
+            problems_by_benchmark,
+            settings,
+            out,
+            generator=gen,
+            model_name=str(policy),
+            progress=progress,
+        )
         if hasattr(gen, "close"):
             gen.close()  # a vLLM engine holds GBs of KV cache; free it before the next checkpoint
         del model, gen

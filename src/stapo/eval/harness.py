@@ -32,7 +32,7 @@ class Chunk:
     problems: tuple[int, ...]  # problem indices it covers
     n: int  # samples per problem
 
-    def keys(self) -> list[SampleKey]:
+    def sample_keys(self) -> list[SampleKey]:
         return [(self.benchmark, i, j) for i in self.problems for j in range(self.n)]
 
 
@@ -46,7 +46,7 @@ def plan_chunks(benchmark: str, n_problems: int, settings: EvalSettings) -> list
 
 
 def encode_prompt(problem, tokenizer, settings: EvalSettings) -> tuple[str, list[int]]:
-    """The templated prompt text and its token ids, as the trainer builds them."""
+    """The templated prompt text (``stapo.data.build_prompt``, the trainer's templates) and its ids."""
     from ..data import build_prompt
 
     use_chat = {"auto": "auto", "on": True, "off": False}[settings.chat_template]
@@ -58,15 +58,19 @@ def encode_prompt(problem, tokenizer, settings: EvalSettings) -> tuple[str, list
     return text, tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
-def run_chunk(chunk: Chunk, problems: list, prompts: dict, generator, pool, settings: EvalSettings) -> list[dict]:
+def run_chunk(
+    chunk: Chunk, problems: list, prompts: dict, generator, pool, settings: EvalSettings
+) -> list[dict]:
     """Generate and verify one chunk; returns its records in (problem, sample) order."""
     from ..rewards.math_reward import final_answer, gold_parts
 
     sampling = settings.sampling(chunk.benchmark, chunk.index)
     gens = generator.generate([prompts[i][1] for i in chunk.problems], sampling)  # [P_c][n]
     rows = [(i, j, g) for i, per_problem in zip(chunk.problems, gens) for j, g in enumerate(per_problem)]
-    if len(rows) != len(chunk.keys()):
-        raise RuntimeError(f"generator returned {len(rows)} samples for a chunk of {len(chunk.keys())}")
+    if len(rows) != len(chunk.sample_keys()):
+        raise RuntimeError(
+            f"generator returned {len(rows)} samples for a chunk of {len(chunk.sample_keys())}"
+        )
     rewards = pool.score_batch([g.text for _, _, g in rows], [problems[i].answer for i, _, _ in rows])
     return [
         {
@@ -118,18 +122,27 @@ def evaluate(
 
     done = load_samples(out / SAMPLES)
     chunks = [c for b, probs in problems_by_benchmark.items() for c in plan_chunks(b, len(probs), settings)]
-    todo = [c for c in chunks if any(k not in done for k in c.keys())]
-    n_todo = sum(len(c.keys()) for c in todo)
-    with RewardPool("math", num_workers=settings.reward_workers, timeout=settings.reward_timeout,
-                    strict=settings.strict) as pool:
+    todo = [c for c in chunks if any(k not in done for k in c.sample_keys())]
+    with RewardPool(
+        "math", num_workers=settings.reward_workers, timeout=settings.reward_timeout, strict=settings.strict
+    ) as pool:
         if todo:
             if generator is None:
                 from ..rollout import make_generator
 
                 kw = {"batch_size": settings.batch_size} if settings.backend == "hf" else {}
                 generator = make_generator(settings.backend, model, tokenizer, **kw)
-            timing = _generate_all(todo, problems_by_benchmark, tokenizer, generator, pool, settings,
-                                   out / SAMPLES, done, progress)
+            timing = _generate_all(
+                todo,
+                problems_by_benchmark,
+                tokenizer,
+                generator,
+                pool,
+                settings,
+                out / SAMPLES,
+                done,
+                progress,
+            )
             (out / TIMING).write_text(json.dumps(timing, indent=2) + "\n")
         results = aggregate(problems_by_benchmark, done, settings, pool, model_name=str(name))
     (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
@@ -138,13 +151,15 @@ def evaluate(
 
 def _generate_all(todo, problems_by_benchmark, tokenizer, generator, pool, settings, path, done, progress):
     """Run the missing chunks in order, appending each to ``path`` and ``done`` as it finishes."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    total = sum(len(c.keys()) for c in todo)
+    total = sum(len(c.sample_keys()) for c in todo)
     prompts: dict[str, dict] = {b: {} for b in problems_by_benchmark}
     tokens, start = 0, time.perf_counter()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    # stderr: stdout carries the results table
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task("eval samples", total=total)
         for chunk in todo:
             probs, cache = problems_by_benchmark[chunk.benchmark], prompts[chunk.benchmark]
@@ -161,13 +176,26 @@ def _generate_all(todo, problems_by_benchmark, tokenizer, generator, pool, setti
             bar.update(task, advance=len(records), description=f"eval {chunk.benchmark}")
     seconds = time.perf_counter() - start
     if progress:
-        print(f"generated {total} samples, {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} "
-              "tokens/s, generation + verification)", file=sys.stderr)
-    return {"samples": total, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
+        print(
+            f"generated {total} samples, {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} "
+            "tokens/s, generation + verification)",
+            file=sys.stderr,
+        )
+    return {
+        "samples": total,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+    }
 
 
-def aggregate(problems_by_benchmark: dict[str, list], samples: dict[SampleKey, dict], settings: EvalSettings,
-              pool, model_name: str = "") -> dict:
+def aggregate(
+    problems_by_benchmark: dict[str, list],
+    samples: dict[SampleKey, dict],
+    settings: EvalSettings,
+    pool,
+    model_name: str = "",
+) -> dict:
     """Metrics per benchmark and their macro average, from the stored samples.
 
     maj@k groups answers with the verifier (``pool.verify_pairs``): two samples vote together
@@ -182,16 +210,10 @@ def aggregate(problems_by_benchmark: dict[str, list], samples: dict[SampleKey, d
                 rows.append([samples[(bench, i, j)] for j in range(n)])
             except KeyError as err:
                 raise RuntimeError(f"{bench}: sample {err.args[0]} missing after generation") from err
-        equivalent = _answer_equivalence([[r["answer"] for r in row] for row in rows],
-                                         [p.answer for p in probs], pool)
-        votes = {
-            k: [
-                majority_vote([r["answer"] for r in row[:k]], [r["correct"] for r in row[:k]],
-                              lambda a, b, i=i: equivalent(i, a, b))
-                for i, row in enumerate(rows)
-            ]
-            for k in k_ladder(n)
-        }
+        equivalent = _answer_equivalence(
+            [[r["answer"] for r in row] for row in rows], [p.answer for p in probs], pool
+        )
+        votes = {k: [_vote(row[:k], i, equivalent) for i, row in enumerate(rows)] for k in k_ladder(n)}
         metrics = benchmark_metrics([[r["correct"] for r in row] for row in rows], votes)
         flat = [r for row in rows for r in row]
         metrics["mean_tokens"] = sum(r["num_tokens"] for r in flat) / len(flat)
@@ -204,6 +226,15 @@ def aggregate(problems_by_benchmark: dict[str, list], samples: dict[SampleKey, d
         "benchmarks": per_bench,
         "macro": macro_average(per_bench),
     }
+
+
+def _vote(samples: list[dict], problem: int, equivalent) -> bool:
+    """maj@k of one problem over ``samples`` (its first k)."""
+    return majority_vote(
+        [r["answer"] for r in samples],
+        [r["correct"] for r in samples],
+        lambda a, b: equivalent(problem, a, b),
+    )
 
 
 def _answer_equivalence(answers: list[list[str | None]], golds: list, pool):
@@ -242,7 +273,9 @@ def _answer_equivalence(answers: list[list[str | None]], golds: list, pool):
     return equivalent
 
 
-def _check_or_write_config(path: Path, model_name: str, settings: EvalSettings, benchmarks: list[str]) -> None:
+def _check_or_write_config(
+    path: Path, model_name: str, settings: EvalSettings, benchmarks: list[str]
+) -> None:
     """Record the run's settings; refuse to resume with settings that would change the samples."""
     sig = settings.signature(benchmarks)
     if path.exists():

@@ -50,7 +50,9 @@ def load_model_and_tokenizer(path: str, dtype: str = "auto", device: str = "auto
     return model.to(device).eval(), tok
 
 
-def load_for_eval(path: str, backend: str = "hf", dtype: str = "auto", device: str = "auto", batch_size: int = 64):
+def load_for_eval(
+    path: str, backend: str = "hf", dtype: str = "auto", device: str = "auto", batch_size: int = 64
+):
     """(model, tokenizer, generator) for ``stapo eval``.
 
     ``hf``: the transformers model on ``device`` and an ``HFGenerator``. ``vllm``: no transformers
@@ -63,7 +65,9 @@ def load_for_eval(path: str, backend: str = "hf", dtype: str = "auto", device: s
         tok = load_tokenizer(path)
         vllm_dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
         # eval has the GPU to itself (no trainer beside the engine), so give vLLM most of it
-        gen = make_generator("vllm", None, tok, model_path=path, dtype=vllm_dtype, gpu_memory_utilization=0.85)
+        gen = make_generator(
+            "vllm", None, tok, model_path=path, dtype=vllm_dtype, gpu_memory_utilization=0.85
+        )
         return None, tok, gen
     model, tok = load_model_and_tokenizer(path, dtype=dtype, device=device)
     return model, tok, make_generator(backend, model, tok, batch_size=batch_size)

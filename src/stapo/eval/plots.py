@@ -28,7 +28,13 @@ def plot_benchmark(name: str, metrics: dict, path: str | Path, title_prefix: str
     if metrics.get("maj_at_k"):
         ax.bar([i + w / 2 for i in x], [100 * metrics["maj_at_k"].get(k, 0.0) for k in ks], w, label="maj@k")
     avg, se = 100 * metrics["avg"], 100 * metrics["avg_stderr"]
-    ax.axhline(avg, color="black", linestyle="--", linewidth=1, label=f"avg@{metrics['n_samples']} {avg:.1f}±{se:.1f}")
+    ax.axhline(
+        avg,
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"avg@{metrics['n_samples']} {avg:.1f}±{se:.1f}",
+    )
     ax.set_xticks(list(x), ks)
     ax.set_xlabel("k")
     ax.set_ylabel("accuracy (%)")
@@ -58,7 +64,14 @@ def plot_accuracy_vs_step(steps: list[tuple[int, dict]], path: str | Path) -> Pa
     for b in benches:
         pts = [(s, 100 * r["benchmarks"][b]["avg"]) for s, r in steps if b in r["benchmarks"]]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linewidth=1, label=DISPLAY.get(b, b))
-    ax.plot(xs, [100 * r["macro"]["avg"] for _, r in steps], color="black", linewidth=2.5, marker="s", label="Avg.")
+    ax.plot(
+        xs,
+        [100 * r["macro"]["avg"] for _, r in steps],
+        color="black",
+        linewidth=2.5,
+        marker="s",
+        label="Avg.",
+    )
     ax.set_xlabel("training step")
     ax.set_ylabel("avg@N (%)")
     ax.grid(alpha=0.3)

@@ -50,20 +50,30 @@ def table1(runs: list[tuple[str, dict]]) -> str:
 
 def detail_table(results: dict) -> str:
     """One row per benchmark: N, problems, avg@N ± stderr, pass@k, maj@k (all in %), lengths."""
-    header = ["Benchmark", "N", "Problems", "avg@N ± se", "pass@k (k=1,2,4,..,N)", "maj@k", "Mean tokens",
-              "Truncated"]
+    header = [
+        "Benchmark",
+        "N",
+        "Problems",
+        "avg@N ± se",
+        "pass@k (k=1,2,4,..,N)",
+        "maj@k",
+        "Mean tokens",
+        "Truncated",
+    ]
     rows = []
     for b, m in results["benchmarks"].items():
-        rows.append([
-            DISPLAY.get(b, b),
-            str(m["n_samples"]),
-            str(m["n_problems"]),
-            f"{_pct(m['avg'])} ± {_pct(m['avg_stderr'])}",
-            " / ".join(_pct(v) for v in m["pass_at_k"].values()),
-            " / ".join(_pct(v) for v in m.get("maj_at_k", {}).values()),
-            f"{m['mean_tokens']:.1f}",
-            _pct(m["truncated_frac"]),
-        ])
+        rows.append(
+            [
+                DISPLAY.get(b, b),
+                str(m["n_samples"]),
+                str(m["n_problems"]),
+                f"{_pct(m['avg'])} ± {_pct(m['avg_stderr'])}",
+                " / ".join(_pct(v) for v in m["pass_at_k"].values()),
+                " / ".join(_pct(v) for v in m.get("maj_at_k", {}).values()),
+                f"{m['mean_tokens']:.1f}",
+                _pct(m["truncated_frac"]),
+            ]
+        )
     mac = results["macro"]
     rows.append(["Avg.", "", "", f"{_pct(mac['avg'])} ± {_pct(mac['avg_stderr'])}", "", "", "", ""])
     return _md(header, rows)

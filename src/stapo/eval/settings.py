@@ -11,8 +11,6 @@ import dataclasses
 import hashlib
 from typing import Any
 
-from ..rollout.base import SamplingConfig
-
 PAPER_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
 
 # N samples per problem: 32 on the three small competition sets (30-40 problems, so avg@N needs
@@ -45,13 +43,18 @@ class EvalSettings:
 
     def __post_init__(self):
         if self.decoding not in DECODING_PRESETS:
-            raise ValueError(f"eval.decoding: unknown preset {self.decoding!r}; choose from {list(DECODING_PRESETS)}")
+            raise ValueError(
+                f"eval.decoding: unknown preset {self.decoding!r}; choose from {list(DECODING_PRESETS)}"
+            )
         if not self.benchmarks:
             raise ValueError("eval.benchmarks: empty list")
         for name, n in self.samples.items():
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"eval.samples[{name!r}]: need a positive integer, got {n!r}")
-        for field, value, lo in [("max_new_tokens", self.max_new_tokens, 1), ("batch_size", self.batch_size, 1)]:
+        for field, value, lo in [
+            ("max_new_tokens", self.max_new_tokens, 1),
+            ("batch_size", self.batch_size, 1),
+        ]:
             if value < lo:
                 raise ValueError(f"eval.{field}: must be >= {lo}, got {value}")
         if self.limit is not None and self.limit < 1:
@@ -85,12 +88,15 @@ class EvalSettings:
         """Problems per generation call: enough to fill ``batch_size`` rows, at least one."""
         return max(1, self.batch_size // self.n_samples(benchmark))
 
-    def sampling(self, benchmark: str, chunk: int) -> SamplingConfig:
+    def sampling(self, benchmark: str, chunk: int):
         """Decoding of one chunk; its seed depends only on (seed, benchmark, chunk index).
 
         That makes each chunk's samples a pure function of the settings, so an interrupted
         run regenerates exactly the missing chunks, identically, on the same machine.
+        Returns a ``stapo.rollout.SamplingConfig``.
         """
+        from ..rollout.base import SamplingConfig  # lazy: torch stays out of `stapo --help`
+
         temperature, top_p = DECODING_PRESETS[self.decoding]
         return SamplingConfig(
             temperature=temperature if self.temperature is None else self.temperature,

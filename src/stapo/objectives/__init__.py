@@ -1,7 +1,9 @@
 """Policy objectives: pure functions of tensors, chosen by name (``stapo.policy_loss``)."""
 
+from . import dasd as _dasd  # noqa: F401  (registers dasd, opsd, dasd_reverse)
 from . import losses as _losses  # noqa: F401  (registers the built-in objectives)
 from .aggregate import AGG_MODES, agg_loss, count_units
+from .dasd import DASDConfig, SelfDistillConfig, router_weight
 from .losses import (
     ClipConfig,
     DAPOConfig,
@@ -36,12 +38,14 @@ __all__ = [
     "OBJECTIVES",
     "ClipConfig",
     "DAPOConfig",
+    "DASDConfig",
     "DrGRPOConfig",
     "Entropy20Config",
     "GRPOConfig",
     "JustRLConfig",
     "Objective",
     "STAPOConfig",
+    "SelfDistillConfig",
     "TokenStats",
     "agg_loss",
     "clipped_surrogate",
@@ -54,6 +58,7 @@ __all__ = [
     "policy_loss",
     "quantile",
     "register_objective",
+    "router_weight",
     "s2t_candidates",
     "s2t_mask",
     "s2t_threshold",

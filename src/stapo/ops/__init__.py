@@ -6,8 +6,14 @@ statistics of its response tokens. ``naive_token_stats`` / ``stats_from_logits``
 full-logits reference and fallback.
 """
 
+from .chunked_stats import (
+    DEFAULT_CHUNK_SIZE,
+    TokenStatsOut,
+    naive_token_stats,
+    stats_from_logits,
+    token_stats,
+)
 from .model_stats import fast_path_blocker, generation_position_ids, model_token_stats
-from .token_stats import DEFAULT_CHUNK_SIZE, TokenStatsOut, naive_token_stats, stats_from_logits, token_stats
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

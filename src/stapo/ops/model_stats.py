@@ -15,10 +15,12 @@ embedding's weight (and bias). Prompt positions never touch the vocabulary. Fall
 ``model(...).logits`` then ``stats_from_logits``.
 
 Positions: ``generate`` numbers a left-padded row from its first real token,
-position_ids = cumsum(attention_mask) − 1 (pads clamped to 0) (transformers
-``GenerationMixin._prepare_position_ids_for_generation``); a plain forward with no
-position_ids numbers from the first pad instead (Qwen3Model uses arange), which changes
-RoPE phases and so the statistics. We pass the generation numbering explicitly.
+position_ids = cumsum(attention_mask) − 1 with pads at 0 (transformers
+``GenerationMixin._prepare_position_ids_for_generation``), while a plain forward without
+position_ids numbers from the first pad (Qwen3Model uses arange). With RoPE the shift
+cancels in q·k up to rounding, but absolute position embeddings would change, so we pass
+the generation numbering explicitly. Response positions must have attention_mask 1 up to
+the last token that matters (``generate`` attends to every generated position).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import inspect
 
 import torch
 
-from .token_stats import DEFAULT_CHUNK_SIZE, TokenStatsOut, stats_from_logits, token_stats
+from .chunked_stats import DEFAULT_CHUNK_SIZE, TokenStatsOut, stats_from_logits, token_stats
 
 # Config fields of transformers models whose ForCausalLM forward changes the logits after
 # the head (Gemma 2/3 soft-capping, Cohere logit_scale, Granite logits_scaling, ...): the
@@ -133,7 +135,7 @@ def model_token_stats(
     targets = input_ids[:, p:]  # [B, T]
     position_ids = generation_position_ids(attention_mask)  # [B, L]
     body, head, _ = _split(model) if fast else (None, None, "fast=False")
-    kw = dict(temperature=temperature, with_entropy=with_entropy, with_collision=with_collision)
+    kw = {"temperature": temperature, "with_entropy": with_entropy, "with_collision": with_collision}
 
     if body is None:
         inner, _ = _unwrap_peft(model)

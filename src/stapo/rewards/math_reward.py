@@ -16,8 +16,7 @@ part right: the prediction must have exactly as many parts (``"1, 3"``, ``"\\{1,
 
 from __future__ import annotations
 
-import collections
-import pickle
+import functools
 from collections.abc import Sequence
 
 from .extract import all_boxed, answer_parts, extract_answer, strip_dollars
@@ -32,64 +31,18 @@ def gold_parts(gold: str | Sequence[str]) -> list[str]:
     return [gold] if isinstance(gold, str) else [str(g) for g in gold]
 
 
-class ParseCache:
-    """math-verify parses of answer strings, LRU-bounded, shareable between processes as pickles.
-
-    A gold is parsed once, not once per sample of its group: each worker keeps its parses, and the
-    pool ships the pickled parse of a known string with later items to any worker (a pickle round
-    trip is ~30x cheaper than math-verify's ANTLR parse). ``fresh`` lists the strings parsed since the
-    last ``drain`` so the worker can hand them to the pool.
-    """
-
-    def __init__(self, maxsize: int = 16384):
-        self.maxsize = maxsize
-        self._parsed: collections.OrderedDict[str, tuple] = collections.OrderedDict()
-        self.fresh: list[str] = []
-
-    def get(self, answer: str) -> tuple:
-        """math-verify's parse of one answer, a tuple of SymPy expression and/or string fallback;
-        empty if nothing could be extracted."""
-        if answer in self._parsed:
-            self._parsed.move_to_end(answer)
-            return self._parsed[answer]
-        from math_verify import parse
-
-        value = tuple(parse("\\boxed{" + answer + "}", parsing_timeout=None))
-        self._store(answer, value)
-        self.fresh.append(answer)
-        return value
-
-    def _store(self, answer: str, value: tuple) -> None:
-        self._parsed[answer] = value
-        if len(self._parsed) > self.maxsize:
-            self._parsed.popitem(last=False)
-
-    def seed(self, blobs: dict[str, bytes]) -> None:
-        """Adopt parses pickled by another worker."""
-        for answer, blob in blobs.items():
-            if answer not in self._parsed:
-                self._store(answer, pickle.loads(blob))
-
-    def drain(self, max_bytes: int = 65536) -> dict[str, bytes]:
-        """Pickles of the parses made since the last drain (unpicklable or huge ones are skipped)."""
-        out = {}
-        for answer in self.fresh:
-            if answer in self._parsed:
-                try:
-                    blob = pickle.dumps(self._parsed[answer])
-                except Exception:  # some SymPy objects do not pickle; that worker just keeps its own
-                    continue
-                if len(blob) <= max_bytes:
-                    out[answer] = blob
-        self.fresh = []
-        return out
-
-
-PARSES = ParseCache()
-
-
+@functools.lru_cache(maxsize=16384)
 def parse_answer(answer: str) -> tuple:
-    return PARSES.get(answer)
+    """math-verify's parse of one answer string: a tuple of SymPy expression and/or string fallback,
+    empty if nothing could be extracted. Cached per worker: a gold is parsed once per worker, not
+    once per sample of its group (the pool routes a gold's items to the worker that parsed it).
+
+    Parses are deliberately not pickled between processes: unpickling rebuilds SymPy objects
+    through their evaluating constructors, so ``9^{9^{9^9}}`` would hang the receiver in C code.
+    """
+    from math_verify import parse
+
+    return tuple(parse("\\boxed{" + answer + "}", parsing_timeout=None))
 
 
 def _equal(gold: str, pred: str) -> bool:
@@ -100,13 +53,15 @@ def _equal(gold: str, pred: str) -> bool:
 
 
 def parse_keys(gold: str | Sequence[str], pred: str | None) -> list[str]:
-    """The strings ``answers_equal(gold, pred)`` may parse (the pool looks up their cached parses)."""
+    """The strings ``answers_equal(gold, pred)`` may parse (the pool routes by them): the whole
+    gold, the whole prediction, then the parts of a multi-part gold and prediction."""
     golds = gold_parts(gold)
-    keys = [", ".join(golds)] + (golds if len(golds) > 1 else [])
+    keys, parts = [", ".join(golds)], golds if len(golds) > 1 else []
     if pred is not None:
         preds = answer_parts(pred, len(golds)) if len(golds) > 1 else [pred]
-        keys += [", ".join(preds)] + (preds if len(preds) > 1 else [])
-    return [strip_dollars(k) for k in keys]
+        keys.append(", ".join(preds))
+        parts = parts + (preds if len(preds) > 1 else [])
+    return [strip_dollars(k) for k in keys + parts]
 
 
 def answers_equal(gold: str | Sequence[str], pred: str | None) -> bool:

@@ -6,16 +6,18 @@ worker is a persistent ``spawn`` process with its own ``Pipe``, fed one item at 
 
     parent                                   worker i
     send(item) ------------------------------> score under a soft alarm (0.75 x limit)
-    wait(conns, until the earliest deadline) <- (value, status, new parses)
+    wait(conns, until the earliest deadline) <- (value, status)
     past its deadline: SIGKILL worker i, start a replacement, the item scores 0.0
 
 So a hostile item costs at most ``timeout`` seconds of one worker; in the common case (the soft
 alarm fires in Python code) it costs no restart at all. The pool starts once and is reused.
+It is driven from one thread (the trainer's or the evaluator's); it is not thread-safe.
 
 Parse once: for the ``math`` reward the parent reads the boxed answer itself (linear-time string
-code, ``extract.py``) and first parses each new gold once for the whole pool, under the longer
-``gold_timeout`` (golds are trusted data; a Minerva formula can take ~1 s on a cold worker). The
-workers return pickled parses, and the parent hands them to whichever worker needs that string.
+code, ``extract.py``) and first parses each new gold once, under the longer ``gold_timeout`` (golds
+are trusted data; a Minerva formula can take ~1 s on a cold worker). Items are routed to the worker
+that already parsed their gold (its ``parse_answer`` cache), and an idle worker steals from the
+longest queue, so routing never leaves a worker idle while items wait.
 
 Bound: with W workers, limit t and a batch of N responses, ``score_batch`` returns within about
 ceil(N / W) * t (plus, for new golds, ceil(G / W) * gold_timeout) plus restart latency, whatever
@@ -39,7 +41,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from .extract import has_box
-from .math_reward import final_answer, gold_parts, parse_keys
+from .math_reward import MAX_ANSWER_CHARS, final_answer, gold_parts, parse_keys
 from .registry import BUILTIN, SIGNATURES, resolve_reward, reward_spec
 from .terms import as_overlong, format_term, overlong_penalty
 
@@ -49,8 +51,8 @@ Gold = str | Sequence[str]
 STARTUP_TIMEOUT = 120.0
 # the in-worker soft alarm fires at this fraction of the hard limit, leaving time to answer
 SOFT_FRACTION = 0.75
-# pickled math-verify parses the parent keeps to hand to any worker (see math_reward.ParseCache)
-PARSE_CACHE_SIZE = 65536
+# answer string -> worker slot that parsed it, remembered for routing (LRU-bounded)
+HOME_SIZE = 65536
 METRIC_KEYS = (
     "reward/items",
     "reward/timeouts",
@@ -76,7 +78,7 @@ class _Task:
     op: str  # "score", "verify" or "parse" (see worker.py)
     args: tuple
     kwargs: dict
-    keys: list[str]  # answer strings whose cached parses go with it
+    keys: list[str]  # answer strings it parses (math_reward.parse_keys); keys[0] routes it
 
 
 def _as_text(x: Any) -> str:
@@ -162,7 +164,7 @@ class RewardPool:
         self._ctx = multiprocessing.get_context("spawn")
         self._total: collections.Counter = collections.Counter()
         self._since_pop: collections.Counter = collections.Counter()
-        self._parses: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._home: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._unparsable: set[str] = set()  # answers whose parse overran its limit: not prefetched again
         self.last_item_seconds: list[float] = []  # per input of the last call: dispatch -> answer or kill
         self.last_item_status: list[str] = []  # per input of the last call: ok/timeout/error/no-answer
@@ -189,7 +191,10 @@ class RewardPool:
         w.proc.kill()
         w.proc.join(timeout=5.0)
         w.conn.close()
-        self._workers[self._workers.index(w)] = self._spawn()
+        slot = self._workers.index(w)
+        self._workers[slot] = self._spawn()
+        for key in [k for k, s in self._home.items() if s == slot]:  # its parse cache is gone
+            del self._home[key]
         self._count("reward/worker_restarts")
 
     def start(self) -> RewardPool:
@@ -200,7 +205,7 @@ class RewardPool:
     def close(self) -> None:
         self._finalizer()
 
-    def __enter__(self) -> RewardPool:
+    def __enter__(self) -> RewardPool:  # noqa: PYI034 - Python 3.10 has no typing.Self
         return self
 
     def __exit__(self, *exc) -> None:
@@ -233,24 +238,25 @@ class RewardPool:
         t0 = time.monotonic()
         results: list[Any] = [None] * len(tasks)
         seconds = [0.0] * len(tasks)
-        queue = collections.deque(range(len(tasks)))
+        queues: list[collections.deque] = [collections.deque() for _ in self._workers]
+        for i, t in enumerate(tasks):
+            queues[self._slot_for(t, i)].append(i)
         while True:
             now = time.monotonic()
-            for w in self._workers:
-                if w.ready and w.item is None and queue:
-                    i = queue.popleft()
-                    t = tasks[i]
-                    blobs = {k: self._parses[k] for k in t.keys if k in self._parses}
-                    try:
-                        w.conn.send((t.op, t.args, t.kwargs, blobs, timeout * SOFT_FRACTION))
-                    except OSError:  # died while idle (OOM killer): retry the item on its replacement
-                        queue.appendleft(i)
-                        self._replace(w)
-                        continue
-                    w.item, w.deadline, seconds[i] = i, now + timeout, now
+            for slot, w in enumerate(self._workers):
+                if not w.ready or w.item is not None or (i := _next_item(queues, slot)) is None:
+                    continue
+                t = tasks[i]
+                try:
+                    w.conn.send((t.op, t.args, t.kwargs, timeout * SOFT_FRACTION))
+                except OSError:  # died while idle (OOM killer): retry the item on its replacement
+                    queues[slot].appendleft(i)
+                    self._replace(w)
+                    continue
+                w.item, w.deadline, seconds[i] = i, now + timeout, now
             busy = [w for w in self._workers if w.item is not None]
             starting = [w for w in self._workers if not w.ready]
-            if not busy and not queue and (tasks or not starting):
+            if not busy and not any(queues) and (tasks or not starting):
                 break
             if busy:
                 wait_s = min(w.deadline for w in busy) - now
@@ -258,8 +264,9 @@ class RewardPool:
                 wait_s = min(w.started for w in starting) + STARTUP_TIMEOUT - now
             for conn in wait([w.conn for w in busy + starting], timeout=max(wait_s, 0.0)):
                 w = next(w for w in self._workers if w.conn is conn)
-                item = w.item
-                self._receive(w, results)
+                item, slot = w.item, self._workers.index(w)
+                if self._receive(w, results) and item is not None:
+                    self._remember(tasks[item].keys[:2], slot)  # this worker has them parsed now
                 if item is not None:
                     seconds[item] = time.monotonic() - seconds[item]
             now = time.monotonic()
@@ -274,7 +281,23 @@ class RewardPool:
             self._count("reward/seconds", time.monotonic() - t0)
         return results, seconds
 
-    def _receive(self, w: _Worker, results: list) -> None:
+    def _slot_for(self, task: _Task, i: int) -> int:
+        """The worker that parsed this task's gold before, else one chosen by the gold string."""
+        if not task.keys:
+            return i % len(self._workers)
+        route = task.keys[0]
+        home = self._home.get(route)
+        return home if home is not None else hash(route) % len(self._workers)
+
+    def _remember(self, keys: list[str], slot: int) -> None:
+        for key in keys:
+            self._home[key] = slot
+            self._home.move_to_end(key)
+        while len(self._home) > HOME_SIZE:
+            self._home.popitem(last=False)
+
+    def _receive(self, w: _Worker, results: list) -> bool:
+        """Read ``w``'s message; True if it answered its item (False: start-up or death)."""
         try:
             msg = w.conn.recv()
         except (EOFError, OSError):  # the worker died (segfault, OOM killer)
@@ -282,25 +305,24 @@ class RewardPool:
                 raise RuntimeError(f"reward worker exited during start-up (exit code {w.proc.exitcode})")
             results[w.item] = (0.0, "error")
             self._replace(w)
-            return
+            return False
         if not w.ready:
             if msg[0] == "error":
                 raise RuntimeError(f"reward worker failed to start ({self.reward!r}):\n{msg[1]}")
             w.ready = True
-            return
-        value, status, parses = msg
-        results[w.item] = (value, status)
+            return False
+        results[w.item] = msg
         w.item = None
-        for key, blob in parses.items():
-            self._parses[key] = blob
-            self._parses.move_to_end(key)
-        while len(self._parses) > PARSE_CACHE_SIZE:
-            self._parses.popitem(last=False)
+        return True
 
     def _parse_once(self, answers: Iterable[str], timeout: float, metric: str) -> None:
         """Parse each answer string the pool has no parse of yet, once, spread over the workers."""
-        keys = [k for k in dict.fromkeys(answers) if k not in self._parses and k not in self._unparsable]
-        results, _ = self._run([_Task("parse", (k,), {}, []) for k in keys], timeout)
+        keys = [
+            k
+            for k in dict.fromkeys(answers)
+            if k not in self._home and k not in self._unparsable and len(k) <= MAX_ANSWER_CHARS
+        ]
+        results, _ = self._run([_Task("parse", (k,), {}, [k]) for k in keys], timeout)
         for key, (_, status) in zip(keys, results):
             if status != "ok":
                 self._unparsable.add(key)
@@ -358,7 +380,7 @@ class RewardPool:
             if self.reward == "math" and (self.strict or has_box(text)):
                 # the boxed answer is read here, so the worker only compares two answer strings
                 pred = final_answer(text, len(gold_parts(gold)), strict=self.strict)
-                tasks.append(None if pred is None else _Task("verify", (gold, pred), {}, parse_keys(gold, pred)))
+                tasks.append(self._verify_task(gold, pred))
                 continue
             kwargs: dict[str, Any] = {"strict": self.strict}
             for key, col in (("prompt", prompts), ("data_source", data_sources), ("extra_info", extra_infos)):
@@ -380,11 +402,30 @@ class RewardPool:
         """Is each extracted answer ``pred`` equal to ``gold``? (maj@k grouping; same time limits.)
 
         Gold first, as math-verify requires; ``None`` predictions are unequal to everything. Each
-        distinct answer string is parsed once for the whole pool (k answers: k parses, not k^2).
+        distinct answer string is parsed once up front and its pairs go to the worker holding it.
         """
         items = [(_as_gold(g), None if p is None else _as_text(p)) for g, p in pairs]
         if self.reward != "dapo":
-            keys = (k for g, p in items if p is not None for k in parse_keys(g, p))
+            keys = (k for g, p in items if p is not None for k in parse_keys(g, p)[:2])
             self._parse_once(keys, self.timeout, "reward/timeouts")
-        tasks = [None if p is None else _Task("verify", (g, p), {}, parse_keys(g, p)) for g, p in items]
+        tasks = [self._verify_task(g, p) for g, p in items]
         return [v == 1.0 for v in self._run_items(tasks)]
+
+    def _verify_task(self, gold: str | list[str], pred: str | None) -> _Task | None:
+        """The task comparing two answer strings; None (0.0, no worker time) when there is nothing
+        to compare: no answer, an over-long one, or a side whose parse already overran its limit."""
+        if pred is None or len(pred) > MAX_ANSWER_CHARS:
+            return None
+        keys = parse_keys(gold, pred)
+        if self._unparsable.intersection(keys[:2]):
+            return None
+        return _Task("verify", (gold, pred), {}, keys)
+
+
+def _next_item(queues: list[collections.deque], slot: int) -> int | None:
+    """The next item for worker ``slot``: its own queue first, else steal from the longest queue's
+    tail (the items its owner would reach last)."""
+    if queues[slot]:
+        return queues[slot].popleft()
+    longest = max(queues, key=len)
+    return longest.pop() if longest else None

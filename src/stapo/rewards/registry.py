@@ -46,7 +46,7 @@ def import_function(spec: str) -> Callable:
             raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"reward {spec!r}: {attr!r} is not callable")
+        raise TypeError(f"reward {spec!r}: {attr!r} is not callable")
     return obj
 
 

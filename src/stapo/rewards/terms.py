@@ -35,9 +35,9 @@ class OverlongConfig:
 def overlong_penalty(length: int, max_len: int, cache_len: int) -> float:
     """DAPO Eq. 13: 0 up to L_max - L_cache, then linear down to -1 at L_max, -1 beyond.
 
-        R(y) = 0                                   if |y| <= L_max - L_cache
-             = ((L_max - L_cache) - |y|) / L_cache if L_max - L_cache < |y| <= L_max
-             = -1                                  if |y| > L_max
+    R(y) = 0                                   if |y| <= L_max - L_cache
+         = ((L_max - L_cache) - |y|) / L_cache if L_max - L_cache < |y| <= L_max
+         = -1                                  if |y| > L_max
     """
     if not 0 < cache_len <= max_len:
         raise ValueError(f"need 0 < cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}")

@@ -3,14 +3,12 @@
 Protocol on the worker's end of its own ``Pipe``:
 
     -> ("ready", pid)  once imports and a warm-up item are done (or ("error", traceback) and exit)
-    <- ("score", (response, gold), kwargs, parses, soft_s)  -> (value, status, new_parses)
-    <- ("verify", (gold, pred), {}, parses, soft_s)         -> (value, status, new_parses)  1.0 / 0.0
-    <- ("parse", (answer,), {}, {}, soft_s)                 -> (value, status, new_parses)  1.0 if parsed
-    <- None                                                 -> exit
+    <- ("score", (response, gold), kwargs, soft_s)  -> (value, status)
+    <- ("verify", (gold, pred), {}, soft_s)         -> (value, status)   value 1.0 / 0.0
+    <- ("parse", (answer,), {}, soft_s)             -> (value, status)   1.0 if it parsed; now cached
+    <- None                                         -> exit
 
 ``status`` is "ok", "timeout" (the soft timer fired) or "error" (the reward raised; scored 0.0).
-``parses`` / ``new_parses`` are pickled math-verify parses keyed by answer string
-(``math_reward.ParseCache``): the pool collects them and hands them to whichever worker needs them.
 
 Two time limits guard each item. Here, a soft ``setitimer`` alarm after ``soft_s`` seconds raises
 ``SoftTimeout`` in Python code, so the worker survives and answers 0.0 at no restart cost. It is a
@@ -66,16 +64,14 @@ def _setup(spec: str, signature: str):
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
     from .dapo import dapo_equal
-    from .math_reward import PARSES, answers_equal, math_reward
+    from .math_reward import answers_equal, math_reward, parse_answer
     from .registry import resolve_reward
 
     score = resolve_reward(spec, signature)
     equal = dapo_equal if spec == "dapo" else answers_equal
     # warm-up: compile math-verify's regexes and load SymPy's lazy modules before the clock runs
     math_reward("so \\boxed{\\frac{1}{2}}", "0.5")
-    PARSES.drain()
-    ops = {"score": score, "verify": equal, "parse": lambda answer: bool(PARSES.get(answer))}
-    return ops, PARSES
+    return {"score": score, "verify": equal, "parse": lambda answer: bool(parse_answer(answer))}
 
 
 def _run(fn, args, kwargs, soft_timeout: float) -> tuple[float, str]:
@@ -85,7 +81,7 @@ def _run(fn, args, kwargs, soft_timeout: float) -> tuple[float, str]:
         return float(fn(*args, **kwargs)), "ok"
     except SoftTimeout:
         return 0.0, "timeout"
-    except Exception:  # includes MemoryError and RecursionError from hostile inputs
+    except Exception:  # noqa: BLE001 - MemoryError, RecursionError, anything a hostile input raises
         return 0.0, "error"
     finally:
         _Alarm.armed = False
@@ -94,10 +90,10 @@ def _run(fn, args, kwargs, soft_timeout: float) -> tuple[float, str]:
 
 def worker_main(conn, spec: str, signature: str, memory_limit_mb: int | None):
     try:
-        ops, parses = _setup(spec, signature)
+        ops = _setup(spec, signature)
         signal.signal(signal.SIGALRM, _on_alarm)
         _limit_memory(memory_limit_mb)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the pool reports the traceback as a start-up error
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ready", os.getpid()))
@@ -108,12 +104,9 @@ def worker_main(conn, spec: str, signature: str, memory_limit_mb: int | None):
             return  # the pool is gone
         if msg is None:
             return
-        op, args, kwargs, blobs, soft_s = msg
+        op, args, kwargs, soft_s = msg
         try:
-            parses.seed(blobs)
-            value, status = _run(ops[op], args, kwargs, soft_s)
+            result = _run(ops[op], args, kwargs, soft_s)
         except SoftTimeout:  # fired between the reward's return and the disarm
-            value, status = 0.0, "timeout"
-        except Exception:  # a blob that does not unpickle here
-            value, status = 0.0, "error"
-        conn.send((value, status, parses.drain()))
+            result = (0.0, "timeout")
+        conn.send(result)

@@ -128,7 +128,7 @@ class VLLMGenerator:
     ``model`` (a transformers causal LM) is saved to a temporary directory to start the engine,
     unless ``model_path`` names a saved checkpoint (then ``model`` may be None, as in eval).
     ``dtype="auto"`` means the policy's own parameter dtype (vLLM's "auto" would downcast an fp32
-    checkpoint to bf16). ``enable_sleep_mode`` (GPU only) lets a colocated trainer free the
+    checkpoint to bf16); with ``model=None`` it is vLLM's "auto". ``enable_sleep_mode`` (GPU only) lets a colocated trainer free the
     engine's memory between rollouts with ``sleep()`` / ``wake_up()``. Other keyword arguments go
     to ``vllm.LLM`` unchanged (e.g. ``enforce_eager=True`` skips torch.compile at start-up).
     """

@@ -14,8 +14,10 @@ import torch
 
 from ..config import TrainConfig
 from ..objectives import get_objective
+from ..reuse import make_gate
 from ..rewards import RewardPool
 from ..rollout import make_generator
+from ..distill import compute_teacher_logprobs
 from ..distributed import (
     all_reduce_sum,
     broadcast_object,
@@ -34,6 +36,7 @@ from .phases import (
     SUM_METRICS,
     ProblemSampler,
     attach_advantages,
+    rollout_engine_mismatch,
     compute_old_logprobs,
     generate_rollouts,
     split_constant_groups,
@@ -74,20 +77,24 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
     vocab_size = model.get_output_embeddings().weight.shape[0]
     model = wrap_model(model, ctx, device)  # DDP / FSDP2, or the model itself
     optimizer, scheduler = setup.build_optimizer(model, cfg)
+    gate = make_gate(cfg.reuse, model)  # rollout reuse (DGG, docs/dgg.md); None = each batch used once
     train_set, heldout = setup.load_problem_sets(cfg)
     sampler = ProblemSampler(train_set, cfg.seed, cfg.data.shuffle)  # same global order on every rank
     generator = make_generator(cfg.rollout.backend, unwrap(model), tokenizer, **_generator_kwargs(cfg, ctx))
+    sleep_between_rollouts = bool(cfg.rollout.vllm.get("enable_sleep_mode", False))
     P, G = cfg.rollout.prompts_per_step, cfg.rollout.n
     state = {"step": 0, "consecutive_nonfinite": 0, "rollouts": 0}
     if ckpt is not None:
         state = load_trainer_state(ckpt, optimizer, scheduler, model, ctx)
         sampler.load_state_dict(state.pop("sampler"))
+        if gate is not None:
+            gate.load_state_dict(state.pop("reuse_gate", None))  # the z-score window, for exact resume
         if ctx.is_main:
             truncate_metrics(run_dir, state["step"])
     heldout = setup.shard(heldout, ctx) if heldout else None
     heldout_prompts = setup.render_prompts(heldout, tokenizer, cfg) if heldout else None
     autocast = setup.autocast_context(cfg, device)
-    diagnostics = StepDiagnostics(cfg, vocab_size)
+    diagnostics = StepDiagnostics(cfg, vocab_size, ctx)
 
     def evaluate() -> dict[str, float]:
         if not heldout:
@@ -97,7 +104,8 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
-                        {**state, "step": step, "sampler": sampler.state_dict()}, cfg.keep_last, ctx)
+                        {**state, "step": step, "sampler": sampler.state_dict(),
+                         **({"reuse_gate": gate.state_dict()} if gate is not None else {})}, cfg.keep_last, ctx)
 
     with RewardPool(**_reward_kwargs(cfg)) as pool, RunLogger(
         run_dir, cfg.steps, state["step"], cfg.tensorboard, quiet, write=ctx.is_main
@@ -113,6 +121,8 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
                 problems = setup.shard(sampler.next(P), ctx)
                 batch = generate_rollouts(generator, tokenizer, problems,
                                           setup.render_prompts(problems, tokenizer, cfg), cfg.rollout)
+                if sleep_between_rollouts:
+                    generator.sleep()  # colocated vLLM: free its GPU memory for the update
                 t1 = time.perf_counter()
                 # 3. verifiable rewards, scored in the worker pool under hard time limits
                 metrics = score_rollouts(pool, batch)
@@ -126,13 +136,18 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
                     # 5. log-probs of the rollout policy, at the rollout temperature (logits / T)
                     compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size,
                                          device, with_collision=diagnostics.enabled, ref_model=ref_model)
+                    metrics |= rollout_engine_mismatch(batch, cfg.rollout.tis_cap)  # vLLM vs trainer
+                    if get_objective(cfg.objective.name).needs_teacher:  # 5b. self-distillation (DASD, OPSD)
+                        compute_teacher_logprobs(model, batch, tokenizer, cfg, device)  # privileged context, no grad
                     # 6. ppo_epochs × mini-batches of M prompts: thresholds, accumulate, clip, step
-                    metrics |= update_policy(model, optimizer, batch, cfg, device, params_fresh=True,
-                                             on_minibatch=diagnostics.observe, ctx=ctx)
+                    metrics |= diagnostics.measure(batch)  # p, H, quadrants, what S2T silences
+                    metrics |= update_policy(model, optimizer, batch, cfg, device, params_fresh=True, ctx=ctx,
+                                             gate=gate)
                 scheduler.step()
+                if sleep_between_rollouts:
+                    generator.wake_up()
                 generator.update_weights(unwrap(model))  # the next rollouts sample the new policy
                 t3 = time.perf_counter()
-                metrics |= diagnostics.result()
                 metrics |= _step_metrics(batch, optimizer, t0, t1, t2, t3, state["rollouts"])
                 metrics = reduce_metrics(metrics, SUM_METRICS)
                 _check_finite(metrics, state, cfg, log)

@@ -69,6 +69,7 @@ def sampling_config(rollout_cfg, n: int | None = None, seed: int | None = None) 
         top_p=rollout_cfg.top_p,
         top_k=0,
         max_new_tokens=rollout_cfg.max_new_tokens,
+        min_new_tokens=rollout_cfg.min_new_tokens,
         n=rollout_cfg.n if n is None else n,
         seed=seed,
     )
@@ -148,6 +149,26 @@ def compute_old_logprobs(model, batch: RolloutBatch, temperature: float, micro_b
     batch.ref_logprobs = torch.cat(refs) if refs else None
 
 
+def rollout_engine_mismatch(batch: RolloutBatch, tis_cap: float | None) -> dict[str, float]:
+    """|log π_engine − log π_train| when the engine reports log-probs (vLLM); optional TIS.
+
+    Truncated importance sampling (as verl): each token's advantage is scaled by
+    min(π_train / π_engine, C), which scales its clipped loss by the same positive factor.
+    """
+    if batch.rollout_logprobs is None:
+        return {}
+    from ..rollout.vllm import rollout_mismatch, tis_weights
+
+    metrics = {k: float(v) for k, v in rollout_mismatch(batch.old_logprobs, batch.rollout_logprobs,
+                                                        batch.response_mask).items()}
+    if tis_cap is not None:
+        w = tis_weights(batch.old_logprobs, batch.rollout_logprobs, tis_cap, batch.response_mask)  # [B, T]
+        adv = batch.advantages if batch.advantages.dim() == 2 else batch.advantages.unsqueeze(-1)
+        batch.advantages = adv * w
+        metrics["rollout/tis_weight_mean"] = float(w[batch.response_mask].mean()) if batch.response_mask.any() else 1.0
+    return metrics
+
+
 # --- 6. update ---------------------------------------------------------------------------------
 
 class MetricMean:
@@ -173,7 +194,7 @@ class MetricMean:
 
 
 def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_fresh: bool,
-                  on_minibatch=None, ctx: DistContext = DistContext(), gate=None) -> dict[str, float]:
+                  ctx: DistContext = DistContext(), gate=None) -> dict[str, float]:
     """``ppo_epochs`` passes of optimizer mini-batches of M prompts over ``batch``.
 
     Per mini-batch: (1) mini-batch-wide thresholds from the current policy's
@@ -181,13 +202,18 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
     global unit count, (3) clip, (4) step — skipped when the loss or the gradient
     norm is not finite. ``params_fresh``: the policy is still the one that computed
     ``old_logprobs``, so the first mini-batch reuses those statistics instead of a
-    second forward pass. ``on_minibatch(stats, overrides)`` receives the detached
-    statistics (diagnostics hook).
+    second forward pass.
 
     Under DDP / FSDP2 ``batch`` is this rank's share of the global batch: thresholds
     are taken over the gathered statistics of all ranks and the loss is divided by the
-    global unit count, so the update equals the single-process one. ``gate`` (optional,
-    e.g. DGG) sees the gradients before each step and may veto it.
+    global unit count, so the update equals the single-process one.
+
+    ``gate`` (``stapo.reuse.ReuseGate``, from ``reuse:``; None = one pass): the batch is
+    reused for ``gate.max_passes`` passes of ``ppo_epochs`` sweeps each, with the
+    rollout-time ``old_logprobs``. The gate hooks each micro-batch loss (``track``),
+    measures the pre-clip lm_head gradient (``measure``) and, for a finite step, may
+    veto it (``veto``): the step is skipped (gradients dropped, Adam untouched) and
+    the batch is not reused further.
     """
     name, opts = cfg.objective.name, dict(cfg.objective.options)
     # Dr. GRPO's constant normaliser is the generation budget, not each micro-batch's padded T
@@ -202,8 +228,10 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
     temperature = cfg.rollout.temperature
     params = [p for p in model.parameters() if p.requires_grad]
     metrics, n_steps, n_skipped, n_gated = MetricMean(), 0, 0, 0
+    passes = gate.max_passes if gate is not None else 1  # reuse (DGG): K passes of ppo_epochs sweeps
 
-    for _epoch in range(cfg.optim.ppo_epochs):
+    for epoch in range(passes * cfg.optim.ppo_epochs):
+        pass_index = epoch // cfg.optim.ppo_epochs
         for mb in batch.split(rows):
             micros = [m.to(device) for m in mb.split(cfg.optim.micro_batch_size)]
             # (1) statistics of the current policy over the whole mini-batch
@@ -218,8 +246,6 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
                                             **opts, **overrides), mode)
                 for s in stats
             ))
-            if on_minibatch is not None:
-                on_minibatch(micros, stats, overrides)
             # (2) accumulate gradients; each micro-batch loss is already divided by the global count
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), dtype=torch.float64)
@@ -230,16 +256,20 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
                     entropy=out.entropy, ref_logprobs=m.ref_logprobs, teacher_logprobs=m.teacher_logprobs,
                     denominator=denominator, **opts, **overrides,
                 )
+                if gate is not None:
+                    gate.track(loss)  # hook the lm_head's share of the gradient (tied embeddings)
                 (loss * grad_scale if grad_scale != 1.0 else loss).backward()
                 loss_sum += loss.detach().double().cpu()
                 metrics.add(mmetrics, weight=float(m.response_mask.sum()))
-            # (3) clip and (4) step, unless something is non-finite
+            # (3) clip and (4) step, unless something is non-finite or the gate vetoes it
+            if gate is not None:
+                gate.measure()  # pre-clip: clipping would cap the very spike the gate looks for
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
             loss_total = all_reduce_sum(float(loss_sum))
             if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
                 n_skipped += 1
-            elif gate is not None and gate.veto(model, pass_index=_epoch):
+            elif gate is not None and gate.veto(pass_index):
                 n_gated += 1
             else:
                 optimizer.step()
@@ -254,7 +284,7 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
     out = metrics.result()
     out.update({"train/optimizer_steps": n_steps, "train/nonfinite_skipped": n_skipped})
     if gate is not None:
-        out["reuse/gated_steps"] = n_gated
+        out.update(gate.pop_metrics())  # reuse/passes, gate_triggers, lm_head_grad_sq, z
     return out
 
 

@@ -13,21 +13,24 @@ Notation (shapes):
 
 Backward (per chunk, logits recomputed from the saved lse; g = upstream grads):
     ∂logprob/∂z = onehot(target) − p
-    ∂entropy/∂z = −p ⊙ (log p + H)       (H = lse − Σpz; ∂/∂z_j gives p_j − p_j − p_j(z_j − Σpz))
-    g_z   = g_lp·onehot − p ⊙ (g_lp + g_H·(log p + H))
-    g_raw = g_z / τ;  g_hidden = g_raw @ W;  g_W += g_raw.T @ hidden;  g_bias += Σ_rows g_raw
+    ∂entropy/∂z = −p ⊙ (log p + H)       (from H = lse − Σ_v p_v z_v)
+    g_raw = [g_lp·onehot − p ⊙ (g_lp + g_H·(log p + H))] / τ        [C, V]
+    g_hidden = g_raw @ W;   g_W += g_raw.T @ hidden;   g_bias += Σ_rows g_raw
+Without an entropy gradient the row scaling g_lp/τ is applied on the [C, H] side instead
+(g_hidden = (g_lp/τ) ⊙ (W[t] − P @ W)), so the [C, V] buffer only sees one exp.
 
-When only ``hidden`` needs a gradient (a frozen or LoRA-adapted model: the head is
-frozen), each row's gradient is its upstream scalar times a fixed vector,
-g_hidden_i = g_lp_i · (W_t − p_i @ W)/τ + g_H_i · ((Σ p log p ⊙ W) − H_i p_i @ W)/τ ... in
-matrix form below, so forward computes those [N, H] directions while p is at hand and
-backward is two row-scalings: no logits are recomputed (the trick of Liger's fused
-linear cross-entropy, which precomputes the gradient in forward, extended to per-token
-upstream gradients).
+Frozen head (only ``hidden`` needs a gradient: LoRA, or a frozen lm_head): row i's
+gradient is its upstream scalar times a vector fixed at forward time,
+    ∂logprob_i/∂h_i = (W[t_i] − p_i @ W) / τ,   ∂H_i/∂h_i = −((p_i ⊙ log p_i) @ W + H_i p_i @ W) / τ,
+so forward stores those [N, H] directions while p is at hand and backward is a row scaling:
+2 matmuls in all instead of 3 (Liger's fused linear cross-entropy precomputes its gradient
+in forward the same way, for a scalar loss; per-token outputs work because each output
+depends on its own row only).
 
 Peers: Cut Cross-Entropy and Liger's fused linear cross-entropy (no entropy); verl's
-chunked ``logprobs_from_logits`` + entropy; TRL's ``selective_log_softmax`` and
-``entropy_from_logits`` (entropy without gradient). Memory here: two [C, V] fp32
+chunked entropy; TRL's ``selective_log_softmax`` + ``entropy_from_logits`` and, since TRL
+1.16, ``trl.kernels.ChunkedLogProbFunction`` (tiles over tokens and vocabulary, matmul in
+the autocast/input dtype). Memory here: two [C, V] fp32
 workspaces (reused across chunks, so the allocator never faults in fresh pages), the
 fp32 gradient of W [V, H] when W trains, an fp32 copy of W when W is not fp32, and
 [N]-sized outputs.
@@ -35,11 +38,12 @@ fp32 gradient of W [V, H] when W trains, an fp32 copy of W when W is not fp32, a
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["TokenStatsOut", "token_stats", "naive_token_stats", "stats_from_logits", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "TokenStatsOut", "naive_token_stats", "stats_from_logits", "token_stats"]
 
 # Rows per chunk. Measured on CPU (benchmarks/RESULTS_token_stats.md): 256-2048 run at the
 # same speed within noise, and memory grows as 2·C·V·4 bytes, so 1024 keeps the workspace at
@@ -162,6 +166,15 @@ def _chunk_backward(h, w32, b32, t, inv_temp, lse, entropy, g_lp, g_ent, g_h, g_
         g_b += g_raw.sum(0)
 
 
+@functools.cache
+def _kernels(compiled: bool):
+    """(chunk forward, chunk backward), optionally through torch.compile (fuses the elementwise
+    passes over the [C, V] buffer; compiled once per process, dynamic shapes after a recompile)."""
+    if not compiled:
+        return _chunk_forward, _chunk_backward
+    return torch.compile(_chunk_forward), torch.compile(_chunk_backward)
+
+
 # --------------------------------------------------------------------------------------------
 # the autograd Function
 
@@ -169,7 +182,7 @@ def _chunk_backward(h, w32, b32, t, inv_temp, lse, entropy, g_lp, g_ent, g_h, g_
 class _TokenStatsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, with_entropy, with_collision,
-                entropy_grad):
+                entropy_grad, compiled):
         # hidden [N, H], weight [V, H], bias [V] | None, targets [N]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -178,7 +191,7 @@ class _TokenStatsFn(torch.autograd.Function):
         entropy_grad = entropy_grad and with_entropy
         # frozen head: precompute the per-row gradient directions while p is at hand
         directions = need_h and not (need_w or need_b)
-        f32 = dict(device=hidden.device, dtype=_compute_dtype(hidden, weight, bias))
+        f32 = {"device": hidden.device, "dtype": _compute_dtype(hidden, weight, bias)}
         with torch.autocast(hidden.device.type, enabled=False):  # fp32 inside, whatever the caller's autocast
             w32, b32 = _cast(weight, f32["dtype"]), _cast(bias, f32["dtype"])
             c = max(1, min(int(chunk_size), n))
@@ -191,7 +204,7 @@ class _TokenStatsFn(torch.autograd.Function):
             for i in range(0, n, c):
                 j = min(i + c, n)
                 k = j - i
-                lp, ls, ent, col, p = _chunk_forward(
+                lp, ls, ent, col, p = _kernels(compiled)[0](
                     hidden[i:j], w32, b32, targets[i:j], inv_temp, with_entropy, with_collision,
                     directions, buf[:k], ebuf[:k],
                 )
@@ -208,7 +221,7 @@ class _TokenStatsFn(torch.autograd.Function):
                         plogp = p.mul_(torch.log(p, out=buf[:k]).nan_to_num_(neginf=0.0))
                         a_ent[i:j] = -(plogp @ w32 + ent[:, None] * pw) * inv_temp
             del buf, ebuf
-        ctx.meta = (temperature, int(chunk_size), entropy_grad, directions, need_h, need_w, need_b)
+        ctx.meta = (temperature, int(chunk_size), entropy_grad, directions, need_h, need_w, need_b, compiled)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if directions:
             ctx.save_for_backward(a_lp, a_ent)
@@ -221,11 +234,11 @@ class _TokenStatsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent, _g_col):
-        temperature, chunk_size, entropy_grad, directions, need_h, need_w, need_b = ctx.meta
+        temperature, chunk_size, entropy_grad, directions, need_h, need_w, need_b, compiled = ctx.meta
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         g_ent = g_ent if entropy_grad else None
         if g_lp is None and g_ent is None:
-            return (None,) * 9
+            return (None,) * 10
         if directions:
             a_lp, a_ent = ctx.saved_tensors
             g_h = torch.zeros_like(a_lp)
@@ -233,12 +246,12 @@ class _TokenStatsFn(torch.autograd.Function):
                 g_h.addcmul_(g_lp.to(a_lp.dtype)[:, None], a_lp)
             if g_ent is not None:
                 g_h.addcmul_(g_ent.to(a_lp.dtype)[:, None], a_ent)
-            return (g_h.to(h_dtype),) + (None,) * 8
+            return (g_h.to(h_dtype),) + (None,) * 9
 
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         n, v = hidden.shape[0], weight.shape[0]
         inv_temp = 1.0 / temperature
-        f32 = dict(device=hidden.device, dtype=_compute_dtype(hidden, weight, bias))
+        f32 = {"device": hidden.device, "dtype": _compute_dtype(hidden, weight, bias)}
         g_lp = torch.zeros(n, **f32) if g_lp is None else g_lp.to(f32["dtype"])
         g_ent = _cast(g_ent, f32["dtype"])
         with torch.autocast(hidden.device.type, enabled=False):
@@ -252,7 +265,7 @@ class _TokenStatsFn(torch.autograd.Function):
             g_b = torch.zeros(v, **f32) if need_b else None
             for i in range(0, n, c):
                 j = min(i + c, n)
-                _chunk_backward(
+                _kernels(compiled)[1](
                     hidden[i:j], w32, b32, targets[i:j], inv_temp, lse[i:j],
                     None if entropy is None else entropy[i:j], g_lp[i:j],
                     None if g_ent is None else g_ent[i:j], None if g_h is None else g_h[i:j], g_w, g_b,
@@ -262,7 +275,7 @@ class _TokenStatsFn(torch.autograd.Function):
             None if g_h is None else g_h.to(h_dtype),
             None if g_w is None else g_w.to(w_dtype),
             None if g_b is None else g_b.to(b_dtype),
-        ) + (None,) * 6
+        ) + (None,) * 7
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,6 +293,7 @@ def token_stats(
     with_collision: bool = False,
     entropy_grad: bool = False,
     bias: torch.Tensor | None = None,
+    compile: bool = False,
 ) -> TokenStatsOut:
     """Log π(target), entropy and Σπ² of softmax((hidden @ W.T + bias)/τ), chunked over rows.
 
@@ -289,6 +303,7 @@ def token_stats(
     ``hidden`` needs a gradient, uses [N, H] directions computed in forward). Gradients
     flow through ``logprobs`` into hidden, weight and bias (returned in their dtypes);
     ``entropy`` is detached unless ``entropy_grad=True``; ``collision`` is always detached.
+    ``compile=True`` runs the per-chunk kernels through ``torch.compile`` (worth it on GPU).
     """
     _check_args(hidden, lm_head_weight, targets, temperature, chunk_size, bias)
     lead = targets.shape
@@ -296,7 +311,7 @@ def token_stats(
     t1 = targets.reshape(-1).long()  # [N]
     lp, ent, col = _TokenStatsFn.apply(
         h2, lm_head_weight, bias, t1, float(temperature), int(chunk_size), bool(with_entropy),
-        bool(with_collision), bool(entropy_grad),
+        bool(with_collision), bool(entropy_grad), bool(compile),
     )
     return TokenStatsOut(
         lp.reshape(lead),
@@ -321,7 +336,9 @@ def stats_from_logits(
     """
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"targets shape {tuple(targets.shape)} != logits.shape[:-1] {tuple(logits.shape[:-1])}")
-    z = _cast(logits, _compute_dtype(logits)) / temperature  # [..., V] fp32 (fp64 stays fp64)
+    z = _cast(logits, _compute_dtype(logits))  # [..., V] fp32 (fp64 stays fp64)
+    if temperature != 1.0:
+        z = z / temperature
     logp = torch.log_softmax(z, dim=-1)
     logprobs = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # [...]
     entropy = collision = None
@@ -346,6 +363,7 @@ def naive_token_stats(
     with_collision: bool = False,
     entropy_grad: bool = False,
     bias: torch.Tensor | None = None,
+    compile: bool = False,
 ) -> TokenStatsOut:
     """Reference / fallback with ``token_stats``'s signature: full fp32 logits [..., V], then
     ``stats_from_logits``. Same outputs and gradients, O(N·V) memory."""
