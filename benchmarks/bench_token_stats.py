@@ -86,6 +86,8 @@ def worker(spec: dict) -> dict:
 
     torch.manual_seed(0)
     dev, dtype = spec["device"], getattr(torch, spec["dtype"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     if spec.get("tf32"):
         torch.backends.cuda.matmul.allow_tf32 = True
     n, h_dim, v = spec["n"], spec["hidden"], spec["vocab"]
@@ -133,6 +135,9 @@ def ratio_rows(n, results):
 
 
 def main(argv=None) -> int:
+    sys.path.insert(0, str(ROOT / "src"))
+    from stapo.ops import DEFAULT_CHUNK_SIZE
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -141,12 +146,14 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--chunk-sizes", type=int, nargs="+", default=[1024], help="stapo chunk sizes to run")
+    ap.add_argument("--chunk-sizes", type=int, nargs="+", default=[DEFAULT_CHUNK_SIZE],
+                    help="stapo chunk sizes to run (default: stapo.ops.DEFAULT_CHUNK_SIZE)")
     ap.add_argument("--frozen-head", action="store_true", help="W does not require grad (LoRA / frozen head)")
     ap.add_argument("--compile", action="store_true", help="torch.compile stapo's per-chunk functions")
     ap.add_argument("--tf32", action="store_true",
                     help="CUDA: allow TF32 matmuls for every variant (bf16 inputs are exact in TF32)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0 = torch's default)")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json", type=Path, help="append raw results (one JSON per line)")
     args = ap.parse_args(argv)
@@ -173,7 +180,8 @@ def main(argv=None) -> int:
                       + (r.get("error") or f"{r['median_s']:.3f} s, {fmt_bytes(r['peak_bytes'])}"), flush=True)
         rows += ratio_rows(n, results)
     print()
-    print(f"H = {args.hidden}, V = {args.vocab}, {args.dtype} on {args.device}, τ = {args.temperature}, "
+    threads = args.threads or "default"
+    print(f"H = {args.hidden}, V = {args.vocab}, {args.dtype} on {args.device} ({threads} threads), τ = {args.temperature}, "
           f"{'frozen head' if args.frozen_head else 'hidden and W trainable'}, median of {args.repeats}\n")
     print(markdown_table(RATIO_HEADER, rows))
     return 0

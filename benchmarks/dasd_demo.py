@@ -79,12 +79,13 @@ def summarise(run_dir: Path, tail: int) -> dict | None:
     }
 
 
-def launch(args, base: Path, spec: tuple, out: Path) -> dict:
+def launch(args, base: Path, spec: tuple, out: Path, previous: dict) -> dict:
     objective, seed, beta = spec
     run_dir = out / run_name(objective, seed, beta)
     done = summarise(run_dir, args.tail)
     if done is not None and done["steps"] == args.steps:
-        return {"objective": objective, "seed": seed, "beta": beta, "reused": True, **done}
+        wall = previous.get(run_name(objective, seed, beta), {}).get("wall_s")
+        return {"objective": objective, "seed": seed, "beta": beta, "reused": True, "wall_s": wall, **done}
     if run_dir.exists():
         import shutil
 
@@ -113,6 +114,14 @@ def mean_sd(values: list[float], pct: bool = True) -> str:
     return f"{fmt.format(m)} ± {fmt.format(sd)}"
 
 
+def _run_time(results: list[dict], jobs: int) -> str:
+    walls = [r["wall_s"] for r in results if r.get("wall_s")]
+    if not walls:
+        return ""
+    return (f"run wall time {statistics.fmean(walls):.0f} s on average (each run includes two evaluations); "
+            f"all {len(walls)} timed runs ≈ {sum(walls) / jobs / 60:.1f} min of grid wall time.")
+
+
 def markdown(args, results: list[dict], machine: str, wall: float) -> str:
     k = args.eval_samples
     lines = [
@@ -123,7 +132,7 @@ def markdown(args, results: list[dict], machine: str, wall: float) -> str:
         f"--betas {' '.join(f'{b:g}' for b in args.betas)} --sweep-seeds {' '.join(map(str, args.sweep_seeds))}`"),
         "",
         (f"Machine: {machine}. {len(results)} runs, {args.jobs} at a time with {args.threads} thread each; "
-        f"grid wall time {wall / 60:.1f} min."),
+         f"{_run_time(results, args.jobs)} This invocation: {wall / 60:.1f} min wall."),
         "",
         (f"Set-up: the built-in demo config (P = 16 × G = 8 rollouts a step, lr 5e-5, ≤ 40 new tokens) for "
         f"**{args.steps} RL steps** (the demo's default is 150), one demo base model (seed {args.base_seed}) "
@@ -194,9 +203,12 @@ def main(argv=None) -> int:
     base = build_base_model(args.out / "_demo_base" / f"seed{args.base_seed}", seed=args.base_seed)
     specs = [(o, s, None) for o in args.objectives for s in args.seeds]
     specs += [("dasd", s, b) for b in args.betas for s in args.sweep_seeds]
+    saved = args.out / "results.json"
+    previous = {run_name(r["objective"], r["seed"], r["beta"]): r for r in json.loads(saved.read_text())} \
+        if saved.exists() else {}
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda spec: launch(args, base, spec, args.out), specs))
+        results = list(pool.map(lambda spec: launch(args, base, spec, args.out, previous), specs))
     wall = time.perf_counter() - t0
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     text = markdown(args, results, machine, wall)

@@ -11,10 +11,19 @@ import torch
 
 from stapo.demo import assets, build_base_model, encode_example, encode_prompt, exact_reward, make_problems
 from stapo.demo.sft import IGNORE, collate_sft, sft_loss
-from stapo.demo.task import HELDOUT_MODULUS, split_of
+from stapo.demo.task import SPLIT_MODULUS, split_of
 
 # a build small enough for a unit test: 20 SFT steps of 32 examples
-TINY = dict(sft_steps=20, sft_batch_size=32, sft_lr=1e-3, tokenizer_problems=500)
+# (one validation check at step 10 on 16 problems; a target of 1.0 is out of reach, so all 20 steps run)
+TINY = {
+    "sft_steps": 20,
+    "sft_batch_size": 32,
+    "sft_lr": 1e-3,
+    "tokenizer_problems": 500,
+    "sft_target_accuracy": 1.0,
+    "sft_check_every": 10,
+    "sft_check_problems": 16,
+}
 
 STEP = re.compile(r"(\d+) ([+-]) (\d+) = (-?\d+)\.")
 
@@ -30,16 +39,36 @@ def test_make_problems_is_deterministic_and_distinct():
     assert all(p.source == "demo_arith" and isinstance(p.answer, str) for p in a)
 
 
-def test_train_and_heldout_are_disjoint_across_seeds():
-    train = {p.prompt for s in (0, 1) for p in make_problems(2000, s, "train")}
+def test_splits_are_disjoint_across_seeds():
+    train = {p.prompt for s in (0, 1) for p in make_problems(2000, s, "train", distinct=False)}
+    valid = {p.prompt for s in (0, 1) for p in make_problems(300, s, "valid")}
     heldout = {p.prompt for s in (0, 1) for p in make_problems(500, s, "heldout")}
-    assert not train & heldout
+    assert not train & heldout and not train & valid and not valid & heldout
     # the partition is a function of the expression alone
     assert all(split_of(p[len("Compute ") : -1]) == "heldout" for p in heldout)
-    # and it holds out about 1/HELDOUT_MODULUS of what the sampler draws (binomial, n=4000: sd ~0.005)
+    # and each of valid/heldout gets about 1/SPLIT_MODULUS of the space (binomial, n=3969: sd ~0.005)
     drawn = [f"{a} + {b}" for a in range(1, 64) for b in range(1, 64)]
-    frac = sum(split_of(e) == "heldout" for e in drawn) / len(drawn)
-    assert abs(frac - 1 / HELDOUT_MODULUS) < 0.03
+    for split in ("valid", "heldout"):
+        frac = sum(split_of(e) == split for e in drawn) / len(drawn)
+        assert abs(frac - 1 / SPLIT_MODULUS) < 0.03, split
+
+
+def test_iid_stream_repeats_two_operand_problems_and_keeps_the_mix():
+    stream = make_problems(20_000, 0, "train", distinct=False)
+    assert len({p.id for p in stream}) < len(stream)  # only ~11k two-operand train expressions exist
+    two = sum(p.prompt.count(" ") == 3 for p in stream) / len(stream)  # "Compute a + b." has 3 spaces
+    # Expected share of 2-operand problems after rejecting negative running totals, operands
+    # uniform in 1..N (N=99), each operator + or - with probability 1/2:
+    #   P(ok | 2 ops) = 1/2 + 1/2 P(a >= b)
+    #   P(ok | 3 ops) = 1/4 [1 + P(a + b >= c) + P(a >= b) + P(a >= b + c)]
+    # counting pairs by their sum s = a + b (s - 1 pairs each).
+    n = 99
+    a_ge_b = n * (n + 1) / 2 / n**2
+    c_gt_sum = sum((s - 1) * (n - s) for s in range(2, n)) / n**3
+    a_ge_sum = sum((s - 1) * (n + 1 - s) for s in range(2, n + 1)) / n**3
+    ok2 = 0.5 + 0.5 * a_ge_b
+    ok3 = 0.25 * (1 + (1 - c_gt_sum) + a_ge_b + a_ge_sum)
+    assert abs(two - ok2 / (ok2 + ok3)) < 0.015  # ~0.545; binomial sd at n=20000 is 0.0035
 
 
 def test_every_reference_solution_is_correct():
@@ -59,7 +88,7 @@ def test_every_reference_solution_is_correct():
             assert (int(a), op, int(b)) == (total, want_op, x), p
             total = total + x if op == "+" else total - x
             assert int(c) == total and total >= 0, p  # negative running totals are avoided by design
-        assert p.answer == str(total) == str(eval(expr))  # noqa: S307 (regex-checked digits and +/- only)
+        assert p.answer == str(total) == str(eval(expr))  # the prompt regex admits digits and +/- only
         assert p.meta["solution"].endswith(f"\\boxed{{{total}}}")
         assert exact_reward(p.meta["solution"], p.answer) == 1.0
     assert n_ops == {2, 3}
@@ -93,6 +122,8 @@ def test_bad_inputs_name_the_field():
         make_problems(100, 0, max_operand=2)  # the space holds fewer than 100 problems
     with pytest.raises(ValueError, match="answer"):
         exact_reward("\\boxed{1}", "one")
+    with pytest.raises(ValueError, match="meta"):
+        encode_example(None, make_problems(1, 0)[0].__class__("x", "Compute 1 + 1.", "2", "demo_arith"))
     with pytest.raises(ValueError, match="sft_steps"):
         assets.BaseModelSettings(sft_steps=0)
     with pytest.raises(TypeError, match="sft_stepz"):
@@ -110,9 +141,12 @@ def tokenizer():
 def test_tokenizer_round_trips_and_splits_digits(tokenizer):
     held = make_problems(300, 7, "heldout")
     for p in held:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": p.prompt}], tokenize=False, add_generation_prompt=True
-        ) + p.meta["solution"]
+        text = (
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p.prompt}], tokenize=False, add_generation_prompt=True
+            )
+            + p.meta["solution"]
+        )
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.decode(ids) == text  # nothing dropped (the BPE has no unknown token)
         pieces = tokenizer.convert_ids_to_tokens(ids)
@@ -162,16 +196,24 @@ def test_build_saves_a_loadable_model_and_tokenizer(built):
     cache, path, messages = built
     assert path.parent == cache and path == assets.base_model_dir(cache, assets.BaseModelSettings(**TINY))
     assert [c.name for c in cache.iterdir()] == [path.name]  # the temp build dir was renamed away
-    assert any("SFT loss" in m for m in messages)
+    assert any("20 SFT steps, loss" in m for m in messages)
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
-    assert model.config.hidden_size == 128 and model.config.num_hidden_layers == 2 and model.config.head_dim == 32
+    assert (
+        model.config.hidden_size == 128
+        and model.config.num_hidden_layers == 2
+        and model.config.head_dim == 32
+    )
     assert model.config.tie_word_embeddings and model.config.vocab_size == len(tok)
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 0.56e6
     assert tok.padding_side == "left" and tok.pad_token_id is not None
     p = make_problems(1, 0, "heldout")[0]
-    assert encode_prompt(tok, p.prompt) == encode_prompt(assets.build_tokenizer(assets.BaseModelSettings(**TINY)), p.prompt)
-    gens = HFGenerator(model, tok).generate([encode_prompt(tok, p.prompt)], SamplingConfig(0.0, max_new_tokens=8))
+    assert encode_prompt(tok, p.prompt) == encode_prompt(
+        assets.build_tokenizer(assets.BaseModelSettings(**TINY)), p.prompt
+    )
+    gens = HFGenerator(model, tok).generate(
+        [encode_prompt(tok, p.prompt)], SamplingConfig(0.0, max_new_tokens=8)
+    )
     assert len(gens) == 1 and len(gens[0][0].response_ids) >= 1
 
 
@@ -210,5 +252,29 @@ def test_sft_reduces_the_response_loss_on_heldout_problems(built):
     assert before > 3.5
     assert after < 0.75 * before, (before, after)
     info = json.loads((path / assets.INFO_FILE).read_text())
-    assert len(info["sft"]["losses"]) == TINY["sft_steps"]
+    assert len(info["sft"]["losses"]) == info["sft"]["steps_taken"] == TINY["sft_steps"]
     assert info["sft"]["last_loss"] < info["sft"]["first_loss"]
+    # the validation check ran once, at step 10, and (target 1.0 unmet) did not stop the pass
+    [(step, acc)] = info["sft"]["valid_checks"]
+    assert step == 10 and 0.0 <= acc < 1.0
+
+
+def test_train_sft_stops_when_told(tokenizer):
+    from stapo.demo.sft import train_sft
+    from stapo.models.tiny import tiny_qwen3
+
+    model = tiny_qwen3(
+        len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    examples = [encode_example(tokenizer, p) for p in make_problems(8, 0)]
+    asked: list[int] = []
+
+    def stop(step):
+        asked.append(step)
+        return step >= 4
+
+    losses = train_sft(
+        model, examples, pad_token_id=0, steps=10, batch_size=4, lr=1e-3, stop=stop, stop_every=2
+    )
+    assert asked == [2, 4] and len(losses) == 4
+    assert not model.training

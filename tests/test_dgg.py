@@ -238,9 +238,8 @@ def test_reuse_config_errors():
 
 
 def _train_rows(tiny_model_dir, out, *extra, resume=None, steps=2):
-    from test_trainer import rows, tiny_cfg
-
     from stapo.trainer.loop import train
+    from test_trainer import rows, tiny_cfg
 
     cfg = tiny_cfg(tiny_model_dir, out, f"steps={steps}", "data.heldout=null", "save_every=2", *extra)
     run = train(cfg, resume=resume, quiet=True)
@@ -285,9 +284,9 @@ def test_trainer_gate_none_is_the_plain_trainer_and_k1_equals_none(tiny_model_di
 
 @pytest.mark.slow
 def test_trainer_dgg_resume_is_exact(tiny_model_dir, tmp_path, no_plots):
-    # W = 4 with 2 optimizer steps a pass: pass 2's window spans the previous batch, so a
-    # resume that lost the window (or the increment's last g) would score differently
-    gate = ["reuse.gate=dgg", "reuse.max_reuse=3", "reuse.window=4", "reuse.statistic=increment",
+    # W = 8 > the 6 optimizer steps a batch can take (2 a pass, K = 3): every z of steps 3-4 reads
+    # values of earlier batches, so a resume that lost the window would score differently (or not at all)
+    gate = ["reuse.gate=dgg", "reuse.max_reuse=3", "reuse.window=8", "reuse.statistic=increment",
             "reuse.z_threshold=0.0"]
     _, straight = _train_rows(tiny_model_dir, tmp_path / "a", *gate, steps=4)
     first, _ = _train_rows(tiny_model_dir, tmp_path / "b", *gate, steps=2)
@@ -302,34 +301,52 @@ def test_trainer_dgg_resume_is_exact(tiny_model_dir, tmp_path, no_plots):
 
 # --- DDP / FSDP2 ------------------------------------------------------------------------------
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0"]
+def _torchrun() -> list[str]:
+    # a free port of our own: with --master-port 0 torchrun 2.13 hands its workers MASTER_PORT=0,
+    # and their store clients can wait for a connection that never comes
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+
+
+def _run_worker(launcher: list[str], model_dir, out: Path, strategy: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([*launcher, __file__, str(model_dir), str(out), strategy], env=env, check=False,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    return {int(p.stem[4:]): (json.loads(p.read_text()), load_file(str(p.with_suffix(".safetensors"))))
+            for p in out.glob("rank*.json")}
+
+
+@pytest.fixture(scope="module")
+def single_process_gate(tiny_model_dir, tmp_path_factory):
+    return _run_worker([sys.executable], tiny_model_dir, tmp_path_factory.mktemp("dgg_single"), "none")[0]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_gate_on_the_global_gradient(strategy, tiny_model_dir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
-    proc = subprocess.run([*TORCHRUN, __file__, str(tiny_model_dir), str(tmp_path), strategy], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1], "the ranks disagree on g, z or the veto"
-    for tied in ("tied", "untied"):
-        single, dist_ = ranks[0][tied]["single"], ranks[0][tied]["dist"]
-        assert single["reuse/gate_triggers"] == dist_["reuse/gate_triggers"] == 1
-        assert dist_["reuse/lm_head_grad_sq"] == pytest.approx(single["reuse/lm_head_grad_sq"], rel=1e-9)
-        assert dist_["reuse/z"] == pytest.approx(single["reuse/z"], rel=1e-9)
-        assert ranks[0][tied]["param_err"] < 1e-9
-
-
-def _delta(after: dict, before: dict) -> torch.Tensor:
-    """The update of every weight both state dicts name, flattened in name order."""
-    return torch.cat([(after[k].detach() - before[k].detach()).flatten() for k in sorted(before) if k in after])
+def test_two_ranks_gate_on_the_global_gradient(strategy, single_process_gate, tiny_model_dir, tmp_path):
+    ranks = _run_worker(_torchrun(), tiny_model_dir, tmp_path, strategy)
+    assert sorted(ranks) == [0, 1] and ranks[0][0] == ranks[1][0], "the ranks disagree on g, z or the veto"
+    for head in ("tied", "untied"):
+        single, got = single_process_gate[0][head], ranks[0][0][head]
+        assert single["reuse/gate_triggers"] == got["reuse/gate_triggers"] == 1
+        for key in ("reuse/lm_head_grad_sq", "reuse/z"):
+            assert got[key] == pytest.approx(single[key], rel=1e-9), (head, key)
+        ref, upd = single_process_gate[1][head], ranks[0][1][head]
+        assert torch.equal(upd, ranks[1][1][head]), "the ranks hold different weights"
+        assert ref.norm() > 0 and float((upd - ref).norm() / ref.norm()) < 1e-9, head
 
 
 def _worker(model_dir: str, out_dir: str, strategy: str) -> None:
-    """Every rank: the single-process reference first (no process group yet), then its share under
-    ``strategy``; writes g, z and the veto of both, for a tied and an untied head."""
+    """One rank (or the single process for "none"): dgg with a quiet window on this rank's share of
+    a fixed rollout batch, for a tied and an untied head; writes the gate's metrics and the update."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stapo.distributed import init_distributed, shutdown, unwrap, wrap_model
@@ -337,47 +354,39 @@ def _worker(model_dir: str, out_dir: str, strategy: str) -> None:
     from stapo.trainer.phases import attach_advantages, compute_old_logprobs, update_policy
 
     torch.set_num_threads(1)
+    ctx = init_distributed(strategy, "cpu")
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = _cfg("optim.mini_batch_prompts=4", "optim.grad_clip=1e9", "reuse.gate=dgg", "reuse.max_reuse=3",
                f"parallel.strategy={strategy}")
-    window = {"window": {"values": [1e-9] * 8, "last_g": 1e-9}}
-    models, batches, results = {}, {}, {}
-    for tied in ("tied", "untied"):
+    results, updates = {}, {}
+    for head in ("tied", "untied"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
-        models[tied] = model if tied == "tied" else _untied_copy(model)
-        batches[tied] = _make_batch(models[tied], tok, attach_advantages, compute_old_logprobs, HFGenerator,
-                                    SamplingConfig, collate_rollouts)
-        m = copy.deepcopy(models[tied])
-        gate = make_gate(cfg.reuse, m)
-        gate.load_state_dict(window)
-        # SGD: the update is −lr·grad, so an error in the global gradient shows in the weights; a small
-        # lr keeps g2 ≈ g1, so pass 2 is a spike against the quiet window and is vetoed
-        single = update_policy(m, torch.optim.SGD(m.parameters(), lr=1e-4), batches[tied], cfg, "cpu",
-                               params_fresh=True, gate=gate)
-        results[tied] = {"single": single, "delta": _delta(m.state_dict(), models[tied].state_dict())}
-    ctx = init_distributed(strategy, "cpu")
-    for tied in ("tied", "untied"):
-        share = len(batches[tied]) // ctx.world_size
-        batch = batches[tied].select(slice(ctx.rank * share, (ctx.rank + 1) * share))
-        model = wrap_model(copy.deepcopy(models[tied]), ctx, torch.device("cpu"))
+        model = model if head == "tied" else _untied_copy(model)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        batch = _make_batch(model, tok, attach_advantages, compute_old_logprobs, HFGenerator, SamplingConfig,
+                            collate_rollouts)  # the same global batch on every rank (same seed)
+        share = len(batch) // ctx.world_size
+        batch = batch.select(slice(ctx.rank * share, (ctx.rank + 1) * share))
+        model = wrap_model(model, ctx, torch.device("cpu"))
         gate = make_gate(cfg.reuse, model)
-        assert gate.probe.tied == (tied == "tied")
-        gate.load_state_dict(window)
-        got = update_policy(model, torch.optim.SGD(model.parameters(), lr=1e-4), batch, cfg, "cpu",
-                            params_fresh=True, ctx=ctx, gate=gate)
+        assert gate.probe.tied == (head == "tied")
+        # a quiet window: pass 2's g is a spike and is vetoed. SGD makes the update −lr·grad, so an
+        # error in the global gradient would show; a small lr keeps g2 ≈ g1
+        gate.load_state_dict({"window": {"values": [1e-9] * 8, "last_g": 1e-9}})
+        metrics = update_policy(model, torch.optim.SGD(model.parameters(), lr=1e-4), batch, cfg, "cpu",
+                                params_fresh=True, ctx=ctx, gate=gate)
         if strategy == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            after = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         else:
-            state = unwrap(model).state_dict()
-        ref = results[tied].pop("delta")
-        delta = _delta(state, models[tied].state_dict())
-        err = float((delta - ref).norm() / ref.norm())
-        assert ref.norm() > 0
-        results[tied].update(dist={k: v for k, v in got.items() if k.startswith("reuse/")}, param_err=err)
-        results[tied]["single"] = {k: v for k, v in results[tied]["single"].items() if k.startswith("reuse/")}
+            after = unwrap(model).state_dict()
+        updates[head] = torch.cat([(after[k].detach() - before[k]).flatten() for k in sorted(before) if k in after])
+        results[head] = {k: v for k, v in metrics.items() if k.startswith("reuse/")}
+    from safetensors.torch import save_file
+
     (Path(out_dir) / f"rank{ctx.rank}.json").write_text(json.dumps(results, sort_keys=True))
+    save_file(updates, str(Path(out_dir) / f"rank{ctx.rank}.safetensors"))
     shutdown(ctx)
 
 

@@ -114,7 +114,8 @@ def _grads(fn, hidden, weight, targets, b, *, dtype, entropy_grad, frozen_head, 
     h = hidden.detach().to(dtype).requires_grad_()
     w = weight.detach().to(dtype).requires_grad_(not frozen_head)
     bb = None if b is None else b.detach().to(dtype).requires_grad_(not frozen_head)
-    out = fn(h, w, targets, temperature=temperature, chunk_size=16, entropy_grad=entropy_grad, bias=bb)
+    # chunk_size 8: forward chunks of 8 rows; backward tiles of 28 rows × 28 tokens (2 × 4, ragged)
+    out = fn(h, w, targets, temperature=temperature, chunk_size=8, entropy_grad=entropy_grad, bias=bb)
     g1, g2 = upstream(len(targets))
     loss = (out.logprobs.double() * g1).sum()
     if entropy_grad:

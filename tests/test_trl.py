@@ -77,8 +77,11 @@ def _assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-6):
 def test_parity_with_grpo_trainer_when_s2t_is_off_or_tau_p_is_zero():
     # 3 optimizer steps of 2 accumulation micro-batches each: the window logic and the replaced
     # num_items_in_batch are both on the path, and must change nothing when nothing is silenced.
-    common = {"max_steps": 3, "gradient_accumulation_steps": 2}
-    vanilla, w_ref = _train(GRPOTrainer, _config(GRPOConfig, **common))
+    # TRL's own forward scores the tokens (stapo_token_stats=False): stapo's op agrees with it to
+    # rounding only (test_stapo_token_stats_match_trl_forward), which Adam amplifies past 1e-6.
+    common = {"max_steps": 3, "gradient_accumulation_steps": 2, "stapo_token_stats": False}
+    vanilla, w_ref = _train(GRPOTrainer, _config(GRPOConfig, **{k: v for k, v in common.items()
+                                                               if k != "stapo_token_stats"}))
     ref_losses = _losses(vanilla)
     assert len(ref_losses) == 3 and ref_losses.abs().max() > 1e-3  # a real, non-trivial run
     for s2t in ({"s2t_enabled": False}, {"s2t_prob_threshold": 0.0}):
@@ -90,6 +93,66 @@ def test_parity_with_grpo_trainer_when_s2t_is_off_or_tau_p_is_zero():
     _, w_on = _train(STAPOTrainer, _config(**common, s2t_prob_threshold=HIGH_PROB_THRESHOLD))
     diff = max(float((w_on.state_dict()[k] - v).abs().max()) for k, v in w_ref.state_dict().items())
     assert diff > 1e-5
+
+
+# --- per-token statistics: stapo.ops.model_token_stats versus TRL's fused head ----------------------
+
+
+def _scoring_batch(vocab: int):
+    """4 rows: prompts of 5, 3, 6, 2 tokens left-padded to 6, completions of 4, 2, 1, 4 right-padded to 4."""
+    g = torch.Generator().manual_seed(0)
+    prompt_lens, completion_lens, P, K = (5, 3, 6, 2), (4, 2, 1, 4), 6, 4
+    ids = torch.randint(3, vocab, (4, P + K), generator=g)
+    mask = torch.zeros(4, P + K, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_lens, completion_lens)):
+        mask[i, P - p : P + c] = 1
+    return ids.masked_fill(mask == 0, 0), mask, K
+
+
+def test_stapo_token_stats_match_trl_forward():
+    from stapo.ops import model_token_stats
+
+    model, tok = tiny_model_and_tok()
+    trainer = STAPOTrainer(model=model, reward_funcs=digit_fraction, args=_config(temperature=0.7),
+                           train_dataset=prompts(), processing_class=tok)
+    assert trainer.token_stats_blocker is None  # the default path on a plain causal LM, one process
+    ids, mask, K = _scoring_batch(len(tok))
+    pad = mask[:, -K:] == 0
+
+    def scored(fn):
+        model.zero_grad()
+        logps, entropy, aux = fn(trainer, trainer.model, ids, mask, K, batch_size=3, compute_entropy=True)
+        (logps * torch.linspace(-1, 1, logps.numel()).view_as(logps)).sum().backward()
+        return logps.detach(), entropy.detach(), aux, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    lp, ent, aux, grads = scored(STAPOTrainer._get_per_token_logps_and_entropies)
+    ref_lp, ref_ent, _, ref_grads = scored(GRPOTrainer._get_per_token_logps_and_entropies)
+    # it is stapo's op (at the trainer's temperature, in TRL's row chunks of 3), not TRL's forward
+    ours = torch.cat([model_token_stats(model, i, m, ids.shape[1] - K, temperature=0.7).logprobs
+                      for i, m in zip(ids.split(3), mask.split(3))])
+    assert torch.equal(lp, ours.masked_fill(pad, 0.0)) and aux is None
+    # TRL's contract: zero where the attention mask is 0, and the same numbers to rounding (position ids
+    # differ: generate's numbering here, arange in TRL's forward; RoPE cancels the shift up to rounding)
+    assert torch.all(lp[pad] == 0) and torch.all(ent[pad] == 0) and torch.all(lp[~pad] < 0)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    for name, g in ref_grads.items():
+        _assert_rel_close(grads[name].double(), g.double(), rel=1e-5)
+    # entropy only on request, as TRL
+    assert trainer._get_per_token_logps_and_entropies(model, ids, mask, K)[1] is None
+
+
+def test_token_stats_fall_back_to_trl_where_the_op_does_not_apply():
+    model, tok = tiny_model_and_tok()
+
+    def blocker(**overrides):
+        return STAPOTrainer(model=model, reward_funcs=digit_fraction, args=_config(**overrides),
+                            train_dataset=prompts(), processing_class=tok).token_stats_blocker
+
+    assert blocker(stapo_token_stats=False) == "stapo_token_stats=False"
+    # the op detaches the entropy; TRL's forward gives the bonus its gradient (checked in
+    # test_every_loss_type_gives_silenced_tokens_zero_gradient[dapo-extra1])
+    assert "entropy's gradient" in blocker(entropy_coef=0.01)
 
 
 # --- silencing ------------------------------------------------------------------------------------

@@ -159,9 +159,10 @@ class TrainConfig:
 # The built-in demo: the paper's recipe scaled to a 0.5M-parameter model on 2 CPU cores
 # (lr raised from 1e-6 and batch shrunk; see README "Demo").
 DEMO: dict[str, Any] = {
-    "steps": 150,
+    "steps": 250,
     "save_every": 50,
     "eval_every": 50,
+    "eval_samples": 4,
     "model": {"name_or_path": "demo"},
     "data": {"train": "demo", "heldout": "demo", "template": "none", "heldout_size": 256},
     "rollout": {"prompts_per_step": 16, "n": 8, "max_new_tokens": 40, "generation_batch_size": 128},

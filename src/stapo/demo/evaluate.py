@@ -19,7 +19,9 @@ class DemoEval:
     n: int  # samples scored (problems x sampling.n)
 
 
-def evaluate(generator: Generator, tokenizer, problems: Sequence[Problem], sampling: SamplingConfig) -> DemoEval:
+def evaluate(
+    generator: Generator, tokenizer, problems: Sequence[Problem], sampling: SamplingConfig
+) -> DemoEval:
     """Sample ``sampling.n`` answers per problem and score each with ``exact_reward``.
 
     ``sampling.temperature == 0`` means greedy decoding (``HFGenerator`` convention).

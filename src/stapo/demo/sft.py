@@ -31,13 +31,15 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 def encode_example(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
     """``(prompt_ids, response_ids)``; the response is the reference solution + EOS."""
     solution = problem.meta.get("solution") if isinstance(problem.meta, dict) else None
-    if not isinstance(solution, str):
+    if not solution:
         raise ValueError(f"problem {problem.id!r}: meta['solution'] must hold the reference solution text")
     response = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return encode_prompt(tokenizer, problem.prompt), response
 
 
-def collate_sft(examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_sft(
+    examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` [B, L]; labels are -100 off the response."""
     width = max(len(p) + len(r) for p, r in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)  # [B, L]
@@ -57,7 +59,10 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # (transformers GenerationMixin._prepare_position_ids_for_generation).
     pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # [B, L]
     return model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos, labels=batch["labels"]
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=pos,
+        labels=batch["labels"],
     ).loss
 
 
@@ -81,9 +86,16 @@ def train_sft(
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
     log: Callable[[str], None] | None = None,
-    log_every: int = 50,
+    log_every: int = 100,
+    stop: Callable[[int], bool] | None = None,
+    stop_every: int = 100,
 ) -> list[float]:
-    """AdamW on ``examples`` taken in order, ``batch_size`` per step (cycling if too few); returns per-step losses."""
+    """AdamW on ``examples`` taken in order, ``batch_size`` per step (cycling if too few).
+
+    ``stop(steps_done)`` is called every ``stop_every`` steps; when it returns True the
+    pass ends early (the schedule is still the one planned for ``steps``). Returns the
+    per-step losses, so ``len(result)`` is the number of steps taken.
+    """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps/batch_size: must be >= 1, got steps={steps}, batch_size={batch_size}")
     if not examples:
@@ -104,5 +116,7 @@ def train_sft(
         losses.append(loss.item())
         if log and (step % log_every == 0 or step == steps - 1):
             log(f"sft step {step + 1}/{steps}  loss {losses[-1]:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
+        if stop is not None and (step + 1) % stop_every == 0 and step + 1 < steps and stop(step + 1):
+            break
     model.eval()
     return losses

@@ -12,10 +12,12 @@ Design choices:
   ever means subtraction and the model needs no sign handling; the task stays a pure
   carry/borrow skill that a 0.5M-parameter model learns partly (the point of the demo:
   a mediocre warm start that RL can improve).
-- Train and held-out problems are disjoint by construction: each expression is hashed
-  (SHA-256 of its canonical text) and 1 in ``HELDOUT_MODULUS`` goes to ``heldout``. The
-  split depends on the expression only, never on the seed, so no seed can leak a
-  held-out problem into training.
+- Train, validation and held-out problems are disjoint by construction: each expression
+  is hashed (SHA-256 of its canonical text); 1 in ``SPLIT_MODULUS`` goes to ``heldout``
+  (evaluation), 1 in ``SPLIT_MODULUS`` to ``valid`` (the SFT's early-stopping check, so
+  model selection never looks at the evaluation set), the rest to ``train``. The split
+  depends on the expression only, never on the seed, so no seed can leak a held-out
+  problem into training.
 - ``make_problems(n, seed, split)`` is deterministic per ``(n, seed, split, difficulty)``
   and returns ``n`` distinct problems.
 """
@@ -29,15 +31,17 @@ import re
 from ..data.problem import Problem
 
 SOURCE = "demo_arith"
-SPLITS = ("train", "heldout")
-HELDOUT_MODULUS = 8  # 1/8 of the problem space is held out
+SPLITS = ("train", "valid", "heldout")
+SPLIT_MODULUS = 8  # 1/8 of the problem space is held out, 1/8 is validation
 P_THREE_OPERANDS = 0.5  # mixture of 2- and 3-operand problems
 
 
 def expression(operands: list[int], ops: list[str]) -> str:
     """Canonical text, e.g. ``"37 + 48 - 19"`` (``len(ops) == len(operands) - 1``)."""
     if len(ops) != len(operands) - 1:
-        raise ValueError(f"ops: need {len(operands) - 1} operators for {len(operands)} operands, got {len(ops)}")
+        raise ValueError(
+            f"ops: need {len(operands) - 1} operators for {len(operands)} operands, got {len(ops)}"
+        )
     parts = [str(operands[0])]
     for op, x in zip(ops, operands[1:]):
         if op not in "+-" or len(op) != 1:
@@ -58,9 +62,9 @@ def solution(operands: list[int], ops: list[str]) -> tuple[str, int]:
 
 
 def split_of(expr: str) -> str:
-    """``"heldout"`` for 1 in ``HELDOUT_MODULUS`` expressions (by SHA-256), else ``"train"``."""
-    h = int.from_bytes(hashlib.sha256(expr.encode()).digest()[:8], "big")
-    return "heldout" if h % HELDOUT_MODULUS == 0 else "train"
+    """``"heldout"`` / ``"valid"`` for 1 in ``SPLIT_MODULUS`` expressions each (by SHA-256), else ``"train"``."""
+    h = int.from_bytes(hashlib.sha256(expr.encode()).digest()[:8], "big") % SPLIT_MODULUS
+    return "heldout" if h == 0 else "valid" if h == 1 else "train"
 
 
 def _draw(rng: random.Random, max_operand: int) -> tuple[list[int], list[str]] | None:
@@ -79,7 +83,7 @@ def _draw(rng: random.Random, max_operand: int) -> tuple[list[int], list[str]] |
 def make_problems(
     n: int, seed: int, split: str = "train", *, max_operand: int = 99, distinct: bool = True
 ) -> list[Problem]:
-    """``n`` problems of ``split`` ("train" or "heldout"), deterministic per seed.
+    """``n`` problems of ``split`` ("train", "valid" or "heldout"), deterministic per seed.
 
     ``distinct=True`` (evaluation sets, RL prompts) never repeats an expression;
     ``distinct=False`` draws i.i.d. from the task distribution (the SFT stream: with

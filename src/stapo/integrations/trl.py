@@ -25,6 +25,12 @@ How it hooks into TRL 1.16 (docs/trl.md has the long version):
    normaliser becomes ``K / P · GA / n``: the segment's kept-token mean, weighted by its share n/GA
    of the optimizer step. With the default ``steps_per_generation == gradient_accumulation_steps``
    that is exactly the token mean over the step's kept tokens.
+4. Per-token statistics (issue 11). Every ``_get_per_token_logps_and_entropies`` call of the run (S2T
+   pre-pass, loss, TRL's old and reference log-probs) goes through ``stapo.ops.model_token_stats``
+   (the model's body, then stapo's chunked head on the response positions only) when
+   ``stapo_token_stats=True`` (default) and ``STAPOTrainer.token_stats_blocker`` is None; otherwise
+   through TRL's fused-head forward. The choice is made once per trainer, so the pre-pass and the
+   loss always score with the same code and their masks agree.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ except ImportError as err:  # pragma: no cover - only without the extra
     raise ImportError("stapo.integrations.trl needs TRL: pip install 'stapo[trl]'") from err
 
 from ..objectives import TokenStats, s2t_candidates, s2t_mask, s2t_threshold
+from ..ops import fast_path_blocker, model_token_stats
 
 __all__ = [
     "TESTED_TRL",
@@ -123,6 +130,12 @@ class STAPOConfig(GRPOConfig):
     )
     disable_dropout: bool = dataclasses.field(
         default=True, metadata={"help": "Disable dropout so the S2T pass and the loss see the same policy."}
+    )
+    stapo_token_stats: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "Compute per-token log-probs and entropies with stapo.ops.model_token_stats (no [B, T, V] "
+                          "logits; position ids as generate assigns them) where it applies "
+                          "(STAPOTrainer.token_stats_blocker is None); False uses TRL's fused-head forward."},
     )
 
     def __post_init__(self):
@@ -223,6 +236,9 @@ class STAPOTrainer(GRPOTrainer):
     Logs ``s2t/masked_fraction`` (silenced / loss tokens), ``s2t/candidates`` (count) and
     ``s2t/entropy_threshold`` (τ_h, NaN when there is no candidate) once per segment, through
     TRL's ``_metrics`` (averaged over ``logging_steps`` like TRL's own metrics).
+
+    ``token_stats_blocker``: None when every per-token log-prob / entropy of the run comes from
+    ``stapo.ops.model_token_stats``, else why TRL's own forward computes them (set at construction).
     """
 
     _tag_names = ("trl", "grpo", "stapo")
@@ -239,6 +255,7 @@ class STAPOTrainer(GRPOTrainer):
         if args.s2t_enabled:
             check_s2t_compatible(args)
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        self.token_stats_blocker = self._token_stats_blocker()
         self._s2t_window_start = 0  # TRL micro-step (self._step) at which the current optimizer step began
         self._s2t_segment: S2TPlan | None = None
         scope = threshold_scope(args.gradient_accumulation_steps, args.steps_per_generation, args.num_iterations)
@@ -252,6 +269,53 @@ class STAPOTrainer(GRPOTrainer):
                 UserWarning,
                 stacklevel=2,
             )
+
+    # --- per-token statistics: stapo.ops.model_token_stats or TRL's fused head ---------------------
+
+    def _token_stats_blocker(self) -> str | None:
+        """Why this trainer cannot use ``model_token_stats`` (None: it does). Fixed for the whole run, so
+        the S2T pre-pass and the loss never score the same tokens with different code."""
+        from accelerate.utils import DistributedType
+
+        if not self.args.stapo_token_stats:
+            return "stapo_token_stats=False"
+        if self._entropy_bonus_enabled:  # TRL's entropy bonus differentiates the entropy
+            return "the entropy bonus (entropy_coef / adaptive entropy) needs the entropy's gradient"
+        if self.aux_loss_enabled:
+            return "the MoE load-balancing loss comes from the model's own forward"
+        if self._is_vlm:
+            return "vision-language inputs go through the model's own forward"
+        if self.accelerator.distributed_type != DistributedType.NO:
+            # DDP's gradient all-reduce, FSDP's and DeepSpeed's parameter gathering run in the wrapper's forward
+            return f"distributed type {self.accelerator.distributed_type}: the wrapper's forward must run"
+        return fast_path_blocker(self.model)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                           **model_inputs):
+        """TRL's contract: ([B, K] log-probs, [B, K] entropies or None, aux loss or None) of the last
+        K = ``logits_to_keep`` tokens at ``self.temperature``, zero where ``attention_mask`` is 0, computed
+        ``batch_size`` rows at a time. Through ``model_token_stats`` unless ``token_stats_blocker`` says
+        otherwise, or the call carries what only the model's forward handles (images, router logits)."""
+        # single process here (see _token_stats_blocker): unwrapping drops only torch.compile's wrapper
+        inner = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        start = input_ids.shape[1] - logits_to_keep  # P: first completion column
+        if (self.token_stats_blocker is not None or compute_aux_loss or start < 1
+                or any(v is not None for v in model_inputs.values()) or fast_path_blocker(inner) is not None):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **model_inputs)
+        rows = batch_size or input_ids.shape[0]  # TRL chunks rows to bound the activation peak
+        logps, entropies = [], []
+        with self.accelerator.autocast():
+            for ids, mask in zip(input_ids.split(rows), attention_mask.split(rows)):
+                out = model_token_stats(inner, ids, mask, start, temperature=self.temperature,
+                                        with_entropy=compute_entropy)  # [b, K] each, fp32
+                pad = mask[:, start:] == 0  # TRL's labels are -100 there and its outputs 0
+                logps.append(out.logprobs.masked_fill(pad, 0.0))
+                if compute_entropy:
+                    entropies.append(out.entropy.masked_fill(pad, 0.0))
+        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
 
     # --- the optimizer-step window -----------------------------------------------------------------
 
@@ -297,7 +361,7 @@ class STAPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)  # [B, P + T]
         extra = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}
         with torch.no_grad(), _no_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            # TRL's own chunked fused LM head (add_fused_lm_head): no [B, T, V] logits, same numbers as the loss
+            # the loss's own scoring path (stapo's chunked head or TRL's fused head): the same numbers
             logprobs, entropy, _ = self._get_per_token_logps_and_entropies(
                 self.model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True, **extra
             )

@@ -183,16 +183,16 @@ def _self_distill(cfg, omega_fn, logprobs, old_logprobs, advantages, response_ma
 def _gap_overrides(cfg, stats, gather):
     """μ_δ, σ_δ over the whole optimizer mini-batch, so micro-batching does not change δ̄.
 
-    The student's side is ``TokenStats.logprobs``: the rollout policy's (= ``old_logprobs``) on the
-    first mini-batch of a step, the current policy's on later ones (the trainer hands no
-    ``old_logprobs`` to this hook); the per-token δ in the loss always uses ``old_logprobs``.
+    The student's side is the rollout policy's log-prob (``TokenStats.old_logprobs``; when a
+    caller leaves it out, ``TokenStats.logprobs``), the same one the per-token δ in the loss uses.
     """
     if cfg.delta_norm == "none":
         return {}
     if any(s.teacher_logprobs is None for s in stats):
         raise ValueError("self-distillation objectives need `teacher_logprobs` in every TokenStats "
                          "(run stapo.distill.compute_teacher_logprobs before the update)")
-    pairs = [(evidence_gap(s.teacher_logprobs, s.logprobs, s.response_mask), s.response_mask) for s in stats]
+    pairs = [(evidence_gap(s.teacher_logprobs, s.logprobs if s.old_logprobs is None else s.old_logprobs,
+                           s.response_mask), s.response_mask) for s in stats]
     mean, std = gap_moments(pairs, gather)
     return {"delta_mean": mean, "delta_std": std}
 

@@ -29,6 +29,7 @@ class TokenStats(NamedTuple):
     advantages: torch.Tensor
     response_mask: torch.Tensor
     teacher_logprobs: torch.Tensor | None = None  # privileged-context log-probs (self-distillation)
+    old_logprobs: torch.Tensor | None = None  # the rollout policy's log-probs (fixed for the whole step)
 
 
 @dataclasses.dataclass(frozen=True)

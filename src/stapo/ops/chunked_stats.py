@@ -1,54 +1,66 @@
 """Per-token log-prob, entropy and collision probability without holding [N, V] logits.
 
 Notation (shapes):
-    N rows (tokens; leading dims of ``hidden`` are flattened), H hidden size,
-    V vocabulary, C = chunk_size rows per chunk, τ = temperature.
+    N rows (tokens; leading dims of ``hidden`` are flattened), H hidden size, V vocabulary,
+    τ = temperature, tiles [R, Vb] of the logits with R·Vb = chunk_size·V, R = Vb ≈ √(chunk_size·V).
 
     hidden  [N, H] (any float dtype)    weight [V, H]    bias [V] | None    targets [N] long
-    z       = (hidden @ weight.T + bias) / τ           [C, V] per chunk, never [N, V]
+    z       = (hidden @ weight.T + bias) / τ           one [R, Vb] tile at a time, never [N, V]
     lse     = logsumexp_v z                             [N]   (saved for backward)
     logprob = z[target] − lse                           [N]
     entropy = −Σ_v p_v log p_v = lse − Σ_v p_v z_v      [N]
     collision = Σ_v p_v²                                [N]   (always detached)
 
-Backward (per chunk, logits recomputed from the saved lse; g = upstream grads):
+Forward folds the vocabulary tiles of a row tile into running statistics (max m, Σe, Σe·(z−m),
+Σe², with e = exp(z − m), rescaled when m grows: the online softmax of flash attention and of
+TRL's ``ChunkedLogProbFunction``).
+
+Backward (per tile, logits recomputed from the saved lse; g = upstream grads):
     ∂logprob/∂z = onehot(target) − p
     ∂entropy/∂z = −p ⊙ (log p + H)       (from H = lse − Σ_v p_v z_v)
-    g_raw = [g_lp·onehot − p ⊙ (g_lp + g_H·(log p + H))] / τ        [C, V]
+    g_raw = [g_lp·onehot − p ⊙ (g_lp + g_H·(log p + H))] / τ
     g_hidden = g_raw @ W;   g_W += g_raw.T @ hidden;   g_bias += Σ_rows g_raw
-Without an entropy gradient the row scaling g_lp/τ is applied on the [C, H] side instead
-(g_hidden = (g_lp/τ) ⊙ (W[t] − P @ W)), so the [C, V] buffer only sees one exp.
+Without an entropy gradient the row scaling g_lp/τ is applied on the [R, H] side
+(g_hidden = (g_lp/τ) ⊙ (W[t] − P @ W)), so the [R, Vb] buffer only sees one exp; the one-hot
+part is an index_add per row tile.
 
 Frozen head (only ``hidden`` needs a gradient: LoRA, or a frozen lm_head): row i's
 gradient is its upstream scalar times a vector fixed at forward time,
     ∂logprob_i/∂h_i = (W[t_i] − p_i @ W) / τ,   ∂H_i/∂h_i = −((p_i ⊙ log p_i) @ W + H_i p_i @ W) / τ,
-so forward stores those [N, H] directions while p is at hand and backward is a row scaling:
-2 matmuls in all instead of 3 (Liger's fused linear cross-entropy precomputes its gradient
-in forward the same way, for a scalar loss; per-token outputs work because each output
-depends on its own row only).
+so forward accumulates those [N, H] directions tile by tile and backward is a row scaling:
+2 GEMMs in all instead of 3 (Liger's fused linear cross-entropy precomputes its gradient in
+forward the same way, for a scalar loss; per-token outputs work because each output depends
+on its own row only). With a trainable head it is 4 GEMMs (forward, recompute, two gradient
+GEMMs) against the naive path's 3.
 
-Peers: Cut Cross-Entropy and Liger's fused linear cross-entropy (no entropy); verl's
-chunked entropy; TRL's ``selective_log_softmax`` + ``entropy_from_logits`` and, since TRL
-1.16, ``trl.kernels.ChunkedLogProbFunction`` (tiles over tokens and vocabulary, matmul in
-the autocast/input dtype). Memory here: two [C, V] fp32
-workspaces (reused across chunks, so the allocator never faults in fresh pages), the
-fp32 gradient of W [V, H] when W trains, an fp32 copy of W when W is not fp32, and
-[N]-sized outputs.
+Precision: each tile is computed in fp32 (fp64 for fp64 inputs) with autocast disabled, so
+bf16 inputs give fp32-accurate statistics; gradients come back in the inputs' dtypes, g_W
+accumulated in fp32. Memory: two R·Vb workspaces (reused across tiles, so the allocator never
+faults in fresh pages), a few [R, H] and [N]-sized tensors, the fp32 g_W [V, H] when W trains,
+and an fp32 copy of W when W is not fp32.
+
+Peers: Cut Cross-Entropy and Liger's fused linear cross-entropy (no entropy); verl's chunked
+entropy; TRL's ``selective_log_softmax`` + ``entropy_from_logits`` and, since TRL 1.16,
+``trl.kernels.ChunkedLogProbFunction`` (tiles over tokens and vocabulary, GEMM in the
+autocast/input dtype).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "TokenStatsOut", "naive_token_stats", "stats_from_logits", "token_stats"]
 
-# Rows per chunk. Measured on CPU (benchmarks/RESULTS_token_stats.md): 256-2048 run at the
-# same speed within noise, and memory grows as 2·C·V·4 bytes, so 1024 keeps the workspace at
-# 256 MiB for V = 32k and 1.2 GiB for V = 152k.
-DEFAULT_CHUNK_SIZE = 1024
+# Workspace size in rows of full-vocabulary logits: each of the two tile buffers holds
+# chunk_size·V fp32 values (16 MiB at V = 32k, 74 MiB at V = 152k). Chosen by measurement
+# (benchmarks/RESULTS_token_stats.md, N = 4k, V = 32k): single-threaded, 128-256 ran at the
+# naive path's speed and 1024 ~12 % slower (bigger tiles fall out of cache); peak memory was
+# 0.105 (128), 0.125 (256) and 0.17 (1024) of naive, so 128 meets the ≤ 1/8 goal with room.
+DEFAULT_CHUNK_SIZE = 128
 
 
 class TokenStatsOut(NamedTuple):
@@ -97,82 +109,126 @@ def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 # --------------------------------------------------------------------------------------------
-# per-chunk kernels (plain tensor functions, so they can be torch.compile'd)
+# tiles: [R rows, Vb vocabulary] blocks of the logits, R·Vb = chunk_size·V elements
 
 
-def _chunk_logits(h, w32, b32, inv_temp, out):
-    """z = (h/τ) @ W.T + b/τ into ``out`` [C, V] (fp32)."""
-    hs = h.to(out.dtype) * inv_temp  # [C, H]; scaling h is V/H times cheaper than scaling z
-    if b32 is None:
-        return torch.mm(hs, w32.t(), out=out)
-    return torch.addmm(b32 * inv_temp, hs, w32.t(), out=out)
+def _tile_shape(n: int, v: int, chunk_size: int) -> tuple[int, int]:
+    """Tile [R, Vb] holding chunk_size·V elements (what chunk_size full rows of logits would hold).
 
-
-def _chunk_forward(h, w32, b32, t, inv_temp, with_entropy, with_collision, want_p, buf, ebuf):
-    """Stats of one chunk. Returns (logprob, lse, entropy|None, collision|None, p|None) with p in ebuf."""
-    z = _chunk_logits(h, w32, b32, inv_temp, buf)  # [C, V]
-    m = z.amax(dim=1, keepdim=True)  # [C, 1]
-    z_t = z.gather(1, t[:, None])  # [C, 1]
-    z.sub_(m)  # x = z − m ≤ 0
-    e = torch.exp(z, out=ebuf)  # [C, V] unnormalised probabilities
-    s = e.sum(dim=1, keepdim=True)  # [C, 1]
-    log_s = s.log()
-    lse = (m + log_s).squeeze(1)  # [C]
-    logprob = (z_t - m - log_s).squeeze(1)  # [C]
-    entropy = collision = None
-    if with_collision:
-        # Σ p² = ‖e‖² / s²; vector_norm is a single fast reduction (no [C, V] temporary)
-        collision = (torch.linalg.vector_norm(e, dim=1) ** 2 / s.squeeze(1) ** 2)
-    if with_entropy:
-        # H = log s − Σ e·x / s  (x = z − m); the product reuses buf in place
-        entropy = (log_s - z.mul_(e).sum(dim=1, keepdim=True) / s).squeeze(1)
-    p = e.div_(s) if want_p else None  # normalised in place, for the frozen-head gradient directions
-    return logprob, lse, entropy, collision, p
-
-
-def _chunk_backward(h, w32, b32, t, inv_temp, lse, entropy, g_lp, g_ent, g_h, g_w, g_b, buf, ebuf):
-    """One chunk of backward: writes g_h [C, H] (if not None), accumulates g_w [V, H] and g_b [V].
-
-    Without an entropy gradient, g_raw = diag(g/τ)(onehot − P) is never formed: its row
-    scaling moves to the [C, H] side (V/H times cheaper), so the [C, V] buffer sees one exp:
-        g_h = (g/τ) ⊙ (W[t] − P @ W),   g_W += onehot.T @ ((g/τ) ⊙ h) − P.T @ ((g/τ) ⊙ h)
+    Backward re-reads the g_W accumulator [V, H] once per row tile (N/R times) and the g_h
+    accumulator [R, H] once per vocabulary tile (V/Vb times); R = Vb = √budget balances
+    the two and keeps every GEMM dimension large (chunks of a few hundred full rows ran
+    25-50 % slower on CPU, because each re-streams W for a thin GEMM).
     """
-    z = _chunk_logits(h, w32, b32, inv_temp, buf)  # [C, V]
-    z.sub_(lse[:, None])  # log p
-    gl = g_lp * inv_temp  # [C]
-    hf = h.to(z.dtype)  # [C, H]
-    if g_ent is None:
+    budget = max(1, chunk_size) * v
+    rows = max(1, min(n, math.isqrt(budget)))
+    return rows, min(v, max(1, budget // rows))
+
+
+def _tile_logits(hs, w_blk, bs_blk, out):
+    """out [R, Vb] = hs @ w_blk.T + bs_blk, with hs = h/τ and bs = b/τ already scaled."""
+    if bs_blk is None:
+        return torch.mm(hs, w_blk.t(), out=out)
+    return torch.addmm(bs_blk, hs, w_blk.t(), out=out)
+
+
+def _tile_forward(hs, w_blk, bs_blk, t_local, st, with_entropy, with_collision, buf, ebuf):
+    """Fold one [R, Vb] tile into the online-softmax state ``st`` (flash-attention style).
+
+    State per row, relative to the running max m:  s = Σ e,  A = Σ e·(z − m),  Q = Σ e²,
+    e = exp(z − m); U = Σ e·W_v and Y = Σ e·(z − m)·W_v [R, H] for the frozen-head directions.
+    A new max m' rescales by α = exp(m − m'):  s ← αs,  Q ← α²Q,  A ← α(A + (m − m')s),
+    U ← αU,  Y ← α(Y + (m − m')U).  t_local = target − tile start (out of range: not here).
+    """
+    z = _tile_logits(hs, w_blk, bs_blk, buf)  # [R, Vb] = z/τ
+    here = (t_local >= 0) & (t_local < z.shape[1])
+    z_t = z.gather(1, t_local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+    st["z_t"] = torch.where(here, z_t, st["z_t"])
+    m_new = torch.maximum(st["m"], z.amax(dim=1))  # [R]
+    shift = st["m"] - m_new  # ≤ 0; m starts at finfo.min, so the first tile gets α = 0, shift·s = 0
+    alpha = shift.exp()
+    st["A"] = alpha * (st["A"] + shift * st["s"])
+    st["s"] = alpha * st["s"]
+    st["Q"] = alpha * alpha * st["Q"]
+    if "U" in st:
+        if "Y" in st:
+            st["Y"] = (st["Y"] + shift[:, None] * st["U"]).mul_(alpha[:, None])
+        st["U"].mul_(alpha[:, None])
+    st["m"] = m_new
+    z.sub_(m_new[:, None])  # x = z − m ≤ 0
+    e = torch.exp(z, out=ebuf)  # [R, Vb]
+    st["s"] = st["s"] + e.sum(dim=1)
+    if with_collision:
+        st["Q"] = st["Q"] + torch.linalg.vector_norm(e, dim=1) ** 2  # one reduction, no temporary
+    if "U" in st:
+        st["U"].addmm_(e, w_blk)
+    if with_entropy:
+        ex = z.mul_(e)  # e·x in place of x
+        st["A"] = st["A"] + ex.sum(dim=1)
+        if "Y" in st:
+            st["Y"].addmm_(ex, w_blk)
+
+
+def _tile_backward(hs, h32, w_blk, bs_blk, lse, entropy, gl, gh_s, glh, acc, g_w_blk, g_b_blk, buf, ebuf):
+    """Backward of one [R, Vb] tile, logits recomputed from the saved lse.
+
+    lse, entropy, gl = g_lp/τ, gh_s = g_H/τ [R]; glh = gl ⊙ h [R, H]. With this tile of g_raw
+    minus its one-hot part, R_t = −P ⊙ (gl + gh_s·(log P + H)), it accumulates
+        acc += R_t @ W_blk [R, H],   g_W[blk] += R_t.T @ h,   g_b[blk] += Σ_rows R_t;
+    the one-hot part (gl at the target) is added once by the caller. Without an entropy
+    gradient R_t = −diag(gl)·P and the row scaling moves to the [R, H] side (glh, and the
+    caller scales acc by −gl), so the [R, Vb] buffer sees a single exp.
+    """
+    z = _tile_logits(hs, w_blk, bs_blk, buf)  # [R, Vb]
+    z.sub_(lse[:, None])  # log P
+    if gh_s is None:
         p = z.exp_()  # P in place
-        if g_h is not None:
-            torch.mm(p, w32, out=g_h)  # [C, H] = E_p[W]
-            g_h.sub_(w32[t]).mul_(-gl[:, None])
-        gh_rows = gl[:, None] * hf  # [C, H]
-        if g_w is not None:
-            g_w.addmm_(p.t(), gh_rows, alpha=-1.0)
-            g_w.index_add_(0, t, gh_rows)
-        if g_b is not None:
-            g_b.addmv_(p.t(), gl, alpha=-1.0)
-            g_b.index_add_(0, t, gl)
+        if acc is not None:
+            acc.addmm_(p, w_blk)
+        if g_w_blk is not None:
+            g_w_blk.addmm_(p.t(), glh, alpha=-1.0)
+        if g_b_blk is not None:
+            g_b_blk.addmv_(p.t(), gl, alpha=-1.0)
         return
-    # entropy gradient: g_raw = g_lp·onehot/τ − P ⊙ (g_lp + g_H·(log P + H)) / τ, formed explicitly
     p = torch.exp(z, out=ebuf)
-    g_raw = z.add_(entropy[:, None]).mul_((g_ent * inv_temp)[:, None]).add_(gl[:, None]).mul_(p).neg_()
-    g_raw[torch.arange(z.shape[0], device=z.device), t] += gl
-    if g_h is not None:
-        torch.mm(g_raw, w32, out=g_h)
-    if g_w is not None:
-        g_w.addmm_(g_raw.t(), hf)
-    if g_b is not None:
-        g_b += g_raw.sum(0)
+    r = z.add_(entropy[:, None]).mul_(gh_s[:, None]).add_(gl[:, None]).mul_(p).neg_()  # R_t in place
+    if acc is not None:
+        acc.addmm_(r, w_blk)
+    if g_w_blk is not None:
+        g_w_blk.addmm_(r.t(), h32)
+    if g_b_blk is not None:
+        g_b_blk.add_(r.sum(0))
 
 
 @functools.cache
 def _kernels(compiled: bool):
-    """(chunk forward, chunk backward), optionally through torch.compile (fuses the elementwise
-    passes over the [C, V] buffer; compiled once per process, dynamic shapes after a recompile)."""
+    """(tile forward, tile backward), optionally through torch.compile (fuses the elementwise
+    passes over the [R, Vb] buffer; compiled once per process, dynamic shapes after a recompile)."""
     if not compiled:
-        return _chunk_forward, _chunk_backward
-    return torch.compile(_chunk_forward), torch.compile(_chunk_backward)
+        return _tile_forward, _tile_backward
+    return torch.compile(_tile_forward), torch.compile(_tile_backward)
+
+
+def _tiles(n, v, chunk_size, two_buffers, **f32):
+    """Yield (i, j, a, b, buf, ebuf) over row tiles [i:j] and vocabulary tiles [a:b].
+
+    Buffers are flat and reused, so a ragged tile is a contiguous view and the allocator
+    never faults in fresh pages per tile."""
+    rows, vb = _tile_shape(n, v, chunk_size)
+    ws = torch.empty(rows * vb, **f32)
+    ews = torch.empty(rows * vb, **f32) if two_buffers else None
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        for a in range(0, v, vb):
+            b = min(a + vb, v)
+            k = (j - i) * (b - a)
+            yield i, j, a, b, ws[:k].view(j - i, b - a), None if ews is None else ews[:k].view(j - i, b - a)
+
+
+def _scaled(hidden_rows, inv_temp, dtype):
+    """(h in the compute dtype, h/τ): copies only when needed."""
+    h = hidden_rows.to(dtype)
+    return h, (h * inv_temp if inv_temp != 1.0 else h)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,41 +242,49 @@ class _TokenStatsFn(torch.autograd.Function):
         # hidden [N, H], weight [V, H], bias [V] | None, targets [N]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        n, v = hidden.shape[0], weight.shape[0]
+        n, v, hdim = hidden.shape[0], weight.shape[0], weight.shape[1]
         inv_temp = 1.0 / temperature
         entropy_grad = entropy_grad and with_entropy
-        # frozen head: precompute the per-row gradient directions while p is at hand
+        # frozen head: accumulate the per-row gradient directions while each tile's e is at hand
         directions = need_h and not (need_w or need_b)
         f32 = {"device": hidden.device, "dtype": _compute_dtype(hidden, weight, bias)}
+        tile_forward = _kernels(compiled)[0]
         with torch.autocast(hidden.device.type, enabled=False):  # fp32 inside, whatever the caller's autocast
             w32, b32 = _cast(weight, f32["dtype"]), _cast(bias, f32["dtype"])
-            c = max(1, min(int(chunk_size), n))
-            buf, ebuf = torch.empty(c, v, **f32), torch.empty(c, v, **f32)  # reused workspaces
-            logprobs, lse = torch.empty(n, **f32), torch.empty(n, **f32)
+            bs = None if b32 is None else b32 * inv_temp
+            lse, logprobs = torch.empty(n, **f32), torch.empty(n, **f32)
             entropy = torch.empty(n, **f32) if with_entropy else None
             collision = torch.empty(n, **f32) if with_collision else None
-            a_lp = torch.empty(n, weight.shape[1], **f32) if directions else None  # ∂logprob_i/∂h_i
-            a_ent = torch.empty(n, weight.shape[1], **f32) if directions and entropy_grad else None
-            for i in range(0, n, c):
-                j = min(i + c, n)
-                k = j - i
-                lp, ls, ent, col, p = _kernels(compiled)[0](
-                    hidden[i:j], w32, b32, targets[i:j], inv_temp, with_entropy, with_collision,
-                    directions, buf[:k], ebuf[:k],
-                )
-                logprobs[i:j], lse[i:j] = lp, ls
-                if with_entropy:
-                    entropy[i:j] = ent
-                if with_collision:
-                    collision[i:j] = col
-                if directions:
-                    pw = p @ w32  # [k, H] = E_p[W_v]
-                    a_lp[i:j] = (w32[targets[i:j]] - pw) * inv_temp
-                    if a_ent is not None:
-                        # ∂H/∂h = −Σ_v p_v (log p_v + H) W_v / τ = −((p ⊙ log p) @ W + H·(p @ W)) / τ
-                        plogp = p.mul_(torch.log(p, out=buf[:k]).nan_to_num_(neginf=0.0))
-                        a_ent[i:j] = -(plogp @ w32 + ent[:, None] * pw) * inv_temp
-            del buf, ebuf
+            a_lp = torch.empty(n, hdim, **f32) if directions else None  # ∂logprob_i/∂h_i
+            a_ent = torch.empty(n, hdim, **f32) if directions and entropy_grad else None  # ∂H_i/∂h_i
+            st, hs = None, None
+            for i, j, a, b, buf, ebuf in _tiles(n, v, chunk_size, True, **f32):
+                if a == 0:  # a new row tile
+                    _, hs = _scaled(hidden[i:j], inv_temp, f32["dtype"])
+                    r = j - i
+                    st = {k: torch.zeros(r, **f32) for k in ("s", "A", "Q", "z_t")}
+                    st["m"] = torch.full((r,), torch.finfo(f32["dtype"]).min, **f32)
+                    if directions:
+                        st["U"] = torch.zeros(r, hdim, **f32)
+                        if entropy_grad:
+                            st["Y"] = torch.zeros(r, hdim, **f32)
+                tile_forward(hs, w32[a:b], None if bs is None else bs[a:b], targets[i:j] - a, st,
+                             with_entropy, with_collision, buf, ebuf)
+                if b == v:  # row tile done: finish its statistics
+                    log_s = st["s"].log()
+                    lse[i:j] = st["m"] + log_s
+                    logprobs[i:j] = st["z_t"] - lse[i:j]
+                    if with_entropy:
+                        entropy[i:j] = log_s - st["A"] / st["s"]  # H = log s − Σ e·x / s
+                    if with_collision:
+                        collision[i:j] = st["Q"] / st["s"] ** 2  # Σ p² = Σ e² / s²
+                    if directions:
+                        pw = st["U"] / st["s"][:, None]  # P @ W  [r, H]
+                        a_lp[i:j] = (w32[targets[i:j]] - pw) * inv_temp
+                        if entropy_grad:
+                            # (P ⊙ log P) @ W = Y/s − log s · P@W;  ∂H/∂h = −((P ⊙ log P) @ W + H·P@W)/τ
+                            plogp_w = st["Y"] / st["s"][:, None] - log_s[:, None] * pw
+                            a_ent[i:j] = -(plogp_w + entropy[i:j, None] * pw) * inv_temp
         ctx.meta = (temperature, int(chunk_size), entropy_grad, directions, need_h, need_w, need_b, compiled)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if directions:
@@ -239,7 +303,7 @@ class _TokenStatsFn(torch.autograd.Function):
         g_ent = g_ent if entropy_grad else None
         if g_lp is None and g_ent is None:
             return (None,) * 10
-        if directions:
+        if directions:  # g_h = g_lp ⊙ ∂logprob/∂h + g_H ⊙ ∂H/∂h, row by row
             a_lp, a_ent = ctx.saved_tensors
             g_h = torch.zeros_like(a_lp)
             if g_lp is not None:
@@ -252,25 +316,39 @@ class _TokenStatsFn(torch.autograd.Function):
         n, v = hidden.shape[0], weight.shape[0]
         inv_temp = 1.0 / temperature
         f32 = {"device": hidden.device, "dtype": _compute_dtype(hidden, weight, bias)}
-        g_lp = torch.zeros(n, **f32) if g_lp is None else g_lp.to(f32["dtype"])
-        g_ent = _cast(g_ent, f32["dtype"])
+        gl = (torch.zeros(n, **f32) if g_lp is None else g_lp.to(f32["dtype"])) * inv_temp  # [N]
+        gh_s = None if g_ent is None else g_ent.to(f32["dtype"]) * inv_temp
+        tile_backward = _kernels(compiled)[1]
         with torch.autocast(hidden.device.type, enabled=False):
             w32, b32 = _cast(weight, f32["dtype"]), _cast(bias, f32["dtype"])
-            c = max(1, min(chunk_size, n))
-            buf = torch.empty(c, v, **f32)
-            ebuf = torch.empty(c, v, **f32) if g_ent is not None else None
+            bs = None if b32 is None else b32 * inv_temp
             g_h = torch.empty(n, hidden.shape[1], **f32) if need_h else None
             # accumulate in fp32 even for bf16 weights; the result is cast once at the end
             g_w = torch.zeros_like(weight, dtype=f32["dtype"]) if need_w else None
             g_b = torch.zeros(v, **f32) if need_b else None
-            for i in range(0, n, c):
-                j = min(i + c, n)
-                _kernels(compiled)[1](
-                    hidden[i:j], w32, b32, targets[i:j], inv_temp, lse[i:j],
-                    None if entropy is None else entropy[i:j], g_lp[i:j],
-                    None if g_ent is None else g_ent[i:j], None if g_h is None else g_h[i:j], g_w, g_b,
-                    buf[: j - i], None if ebuf is None else ebuf[: j - i],
+            h32 = hs = glh = acc = None
+            for i, j, a, b, buf, ebuf in _tiles(n, v, chunk_size, gh_s is not None, **f32):
+                if a == 0:
+                    h32, hs = _scaled(hidden[i:j], inv_temp, f32["dtype"])
+                    glh = gl[i:j, None] * h32  # [r, H]
+                    acc = g_h[i:j].zero_() if need_h else None  # Σ_tiles R_t @ W, built in place
+                tile_backward(
+                    hs, h32, w32[a:b], None if bs is None else bs[a:b], lse[i:j],
+                    None if entropy is None else entropy[i:j], gl[i:j],
+                    None if gh_s is None else gh_s[i:j], glh, acc,
+                    None if g_w is None else g_w[a:b], None if g_b is None else g_b[a:b], buf, ebuf,
                 )
+                if b < v:
+                    continue
+                # row tile done: add the one-hot parts, g_h += gl ⊙ W[t], g_W[t] += gl ⊙ h
+                if need_h:
+                    if gh_s is None:
+                        acc.mul_(-gl[i:j, None])
+                    acc.add_(w32[targets[i:j]].mul_(gl[i:j, None]))
+                if need_w:
+                    g_w.index_add_(0, targets[i:j], glh)
+            if need_b:
+                g_b.index_add_(0, targets, gl)
         return (
             None if g_h is None else g_h.to(h_dtype),
             None if g_w is None else g_w.to(w_dtype),

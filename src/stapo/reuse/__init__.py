@@ -9,5 +9,5 @@ from .gate import FIRST_GATED_PASS, GATES, ReuseGate, make_gate, should_veto
 from .head_grad import HeadGradProbe, head_edges, is_tied
 from .zscore import STATISTICS, SlidingZScore, zscore
 
-__all__ = ["FIRST_GATED_PASS", "GATES", "ReuseGate", "make_gate", "should_veto", "HeadGradProbe", "head_edges",
-           "is_tied", "STATISTICS", "SlidingZScore", "zscore"]
+__all__ = ["FIRST_GATED_PASS", "GATES", "STATISTICS", "HeadGradProbe", "ReuseGate", "SlidingZScore", "head_edges",
+           "is_tied", "make_gate", "should_veto", "zscore"]

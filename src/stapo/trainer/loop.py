@@ -39,6 +39,7 @@ from .phases import (
     rollout_engine_mismatch,
     compute_old_logprobs,
     generate_rollouts,
+    old_stats_from_update,
     split_constant_groups,
     score_rollouts,
     update_policy,
@@ -133,16 +134,18 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
                 # 4. group-relative advantages (a group never straddles ranks)
                 attach_advantages(batch, G, cfg.objective.advantage)
                 with autocast:
-                    # 5. log-probs of the rollout policy, at the rollout temperature (logits / T)
-                    compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size,
-                                         device, with_collision=diagnostics.enabled, ref_model=ref_model)
+                    # 5. log-probs of the rollout policy, at the rollout temperature (logits / T); a separate
+                    # no-grad pass only when something needs them before the update's own first forward
+                    if not old_stats_from_update(cfg, batch, gate=gate, ref_model=ref_model):
+                        compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size,
+                                             device, with_collision=diagnostics.enabled, ref_model=ref_model)
                     metrics |= rollout_engine_mismatch(batch, cfg.rollout.tis_cap)  # vLLM vs trainer
                     if get_objective(cfg.objective.name).needs_teacher:  # 5b. self-distillation (DASD, OPSD)
                         compute_teacher_logprobs(model, batch, tokenizer, cfg, device)  # privileged context, no grad
                     # 6. ppo_epochs × mini-batches of M prompts: thresholds, accumulate, clip, step
-                    metrics |= diagnostics.measure(batch)  # p, H, quadrants, what S2T silences
                     metrics |= update_policy(model, optimizer, batch, cfg, device, params_fresh=True, ctx=ctx,
-                                             gate=gate)
+                                             gate=gate, collision=diagnostics.enabled)
+                    metrics |= diagnostics.measure(batch)  # rollout policy's p, H, quadrants, what S2T silences
                 scheduler.step()
                 if sleep_between_rollouts:
                     generator.wake_up()

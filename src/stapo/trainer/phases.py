@@ -169,6 +169,22 @@ def rollout_engine_mismatch(batch: RolloutBatch, tis_cap: float | None) -> dict[
     return metrics
 
 
+def old_stats_from_update(cfg, batch: RolloutBatch, *, gate=None, ref_model=None) -> bool:
+    """True when ``update_policy``'s first forward can supply ``old_logprobs`` (and the rollout
+    policy's entropy / collision) itself, so ``compute_old_logprobs`` would be a redundant forward.
+
+    That holds when the step is one mini-batch (M = P: every row is first scored by the rollout
+    policy itself, so ρ = 1 exactly, as TRL's GRPOTrainer with num_iterations = 1 skips its old
+    log-prob pass), nothing is needed before the loss (no mini-batch-wide statistic or
+    statistics-dependent loss mask, no engine log-probs to correct against: vLLM TIS), no
+    reference or teacher pass shares the no-grad sweep, and no reuse gate (benchmark 3, issue 11).
+    """
+    obj = get_objective(cfg.objective.name)
+    return (cfg.optim.mini_batch_prompts == cfg.rollout.prompts_per_step
+            and obj.loss_mask is None and obj.minibatch_overrides is None and not obj.needs_teacher
+            and batch.rollout_logprobs is None and gate is None and ref_model is None)
+
+
 # --- 6. update ---------------------------------------------------------------------------------
 
 class MetricMean:
@@ -194,7 +210,7 @@ class MetricMean:
 
 
 def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_fresh: bool,
-                  ctx: DistContext = DistContext(), gate=None) -> dict[str, float]:
+                  ctx: DistContext = DistContext(), gate=None, collision: bool = False) -> dict[str, float]:
     """``ppo_epochs`` passes of optimizer mini-batches of M prompts over ``batch``.
 
     Per mini-batch: (1) mini-batch-wide thresholds from the current policy's
@@ -202,7 +218,9 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
     global unit count, (3) clip, (4) step — skipped when the loss or the gradient
     norm is not finite. ``params_fresh``: the policy is still the one that computed
     ``old_logprobs``, so the first mini-batch reuses those statistics instead of a
-    second forward pass.
+    second forward pass. If ``old_logprobs`` is None (``old_stats_from_update``), the
+    first mini-batch's own forward fills ``old_logprobs``, ``old_entropy`` and, with
+    ``collision``, ``old_collision`` of ``batch``.
 
     Under DDP / FSDP2 ``batch`` is this rank's share of the global batch: thresholds
     are taken over the gathered statistics of all ranks and the loss is divided by the
@@ -229,6 +247,11 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
     params = [p for p in model.parameters() if p.requires_grad]
     metrics, n_steps, n_skipped, n_gated = MetricMean(), 0, 0, 0
     passes = gate.max_passes if gate is not None else 1  # reuse (DGG): K passes of ppo_epochs sweeps
+    fill = params_fresh and batch.old_logprobs is None  # the update scores the rollout policy itself
+    if fill and (len(batch) > rows or obj.loss_mask is not None or obj.minibatch_overrides is not None):
+        raise ValueError(f"update_policy: batch.old_logprobs is None, but objective {name!r} with {len(batch)} "
+                         f"rows in mini-batches of {rows} needs them before the loss (old_stats_from_update); "
+                         "run compute_old_logprobs first")
 
     for epoch in range(passes * cfg.optim.ppo_epochs):
         pass_index = epoch // cfg.optim.ppo_epochs
@@ -236,8 +259,8 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
             micros = [m.to(device) for m in mb.split(cfg.optim.micro_batch_size)]
             # (1) statistics of the current policy over the whole mini-batch
             if params_fresh:
-                stats = [TokenStats(m.old_logprobs, m.old_entropy, m.advantages, m.response_mask, m.teacher_logprobs)
-                         for m in micros]
+                stats = [TokenStats(m.old_logprobs, m.old_entropy, m.advantages, m.response_mask, m.teacher_logprobs,
+                                    m.old_logprobs) for m in micros]
             else:
                 stats = [_current_stats(model, m, temperature) for m in micros]
             overrides = minibatch_overrides(name, stats, gather, **opts)
@@ -249,11 +272,16 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
             # (2) accumulate gradients; each micro-batch loss is already divided by the global count
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), dtype=torch.float64)
+            filled = []  # detached [b, T] (logprobs, entropy, collision) per micro-batch, when filling
             for m in micros:
-                out = policy_stats(model, m, temperature, with_entropy=obj.needs_entropy)
+                out = policy_stats(model, m, temperature, with_entropy=obj.needs_entropy or fill,
+                                   with_collision=fill and collision)
+                old = out.logprobs.detach() if fill else m.old_logprobs.to(out.logprobs.dtype)  # fill: ρ = 1
+                if fill:
+                    filled.append([None if x is None else x.detach().float().cpu() for x in out])
                 loss, mmetrics = policy_loss(
-                    name, out.logprobs, m.old_logprobs.to(out.logprobs.dtype), m.advantages, m.response_mask,
-                    entropy=out.entropy, ref_logprobs=m.ref_logprobs, teacher_logprobs=m.teacher_logprobs,
+                    name, out.logprobs, old, m.advantages, m.response_mask,
+                    entropy=out.entropy if obj.needs_entropy else None, ref_logprobs=m.ref_logprobs, teacher_logprobs=m.teacher_logprobs,
                     denominator=denominator, **opts, **overrides,
                 )
                 if gate is not None:
@@ -261,6 +289,10 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
                 (loss * grad_scale if grad_scale != 1.0 else loss).backward()
                 loss_sum += loss.detach().double().cpu()
                 metrics.add(mmetrics, weight=float(m.response_mask.sum()))
+            if fill:  # the whole batch was this one mini-batch: later sweeps read the rollout policy's stats
+                batch.old_logprobs, batch.old_entropy, batch.old_collision = (
+                    torch.cat(xs) if xs[0] is not None else None for xs in zip(*filled))
+                fill = False
             # (3) clip and (4) step, unless something is non-finite or the gate vetoes it
             if gate is not None:
                 gate.measure()  # pre-clip: clipping would cap the very spike the gate looks for
@@ -292,4 +324,4 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
 def _current_stats(model, micro: RolloutBatch, temperature: float) -> TokenStats:
     out = policy_stats(model, micro, temperature)
     return TokenStats(out.logprobs.float(), out.entropy.float(), micro.advantages, micro.response_mask,
-                      micro.teacher_logprobs)
+                      micro.teacher_logprobs, micro.old_logprobs)

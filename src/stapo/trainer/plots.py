@@ -13,6 +13,10 @@ PANELS = [
     ("s2t/entropy_threshold", "S2T τ_h"),
     ("actor/clip_frac_high", "clip fraction (high)"),
     ("actor/grad_norm", "grad norm"),
+    ("diag/quadrant/low_p_low_h/fraction", "low-p low-H share of A>0 tokens"),
+    ("diag/silenced/grad_norm_share", "grad-norm share of S2T tokens"),
+    ("diag/entropy_up/paper_fraction", "A>0 tokens predicted to raise H"),
+    ("diag/grad_norm/low_p_low_h/max", "max logit-grad norm, low-p low-H"),
 ]
 
 
