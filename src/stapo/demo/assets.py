@@ -38,7 +38,7 @@ class BaseModelSettings:
     """Everything that determines the built model; hashed into the cache key."""
 
     seed: int = 0
-    sft_steps: int = 1500  # the most SFT steps; the pass usually stops earlier (sft_target_accuracy)
+    sft_steps: int = 2000  # the most SFT steps; the pass usually stops earlier (sft_target_accuracy)
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
     sft_warmup_steps: int = 10
