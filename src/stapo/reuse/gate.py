@@ -40,6 +40,12 @@ def should_veto(z: float | None, pass_number: int, threshold: float) -> bool:
 
 
 class ReuseGate:
+    """K passes over a rollout batch; with ``enforce`` (dgg) a z-score veto on pass >= 2.
+
+    ``probe`` measures g (None only for an observing gate on a frozen head); ``window`` holds the
+    run-long history of accepted steps and is the gate's whole persistent state (``state_dict``).
+    """
+
     def __init__(self, probe: HeadGradProbe | None, window: SlidingZScore, *, max_passes: int,
                  threshold: float, enforce: bool):
         if probe is None and enforce:
