@@ -42,4 +42,4 @@ lint: install
 	$(PY) -m ruff check src tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs eval_runs .pytest_cache
