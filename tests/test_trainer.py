@@ -86,8 +86,8 @@ def test_checkpoint_survives_a_crash_mid_save(tiny_model_dir, tmp_path):
         opt = torch.optim.AdamW(model.parameters())
         save_checkpoint({str(run_dir)!r}, 2, model, None, opt, None, {{}}, keep_last=1)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], env={"STAPO_CHECKPOINT_FAULT": "after_policy",
-                                                               "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run([sys.executable, "-c", script], check=False,
+                          env={"STAPO_CHECKPOINT_FAULT": "after_policy", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 17, "the simulated crash did not happen"
     assert checkpoint_dirs(run_dir) == [good], "a half-written checkpoint became visible"
     from transformers import AutoModelForCausalLM
@@ -164,9 +164,11 @@ def test_config_validation_errors(tmp_path):
 
 
 def test_cli_reports_config_errors():
-    proc = subprocess.run([sys.executable, "-m", "stapo", "train", "rollout.n=x"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "stapo", "train", "rollout.n=x"], capture_output=True, text=True,
+                          check=False)
     assert proc.returncode != 0 and "rollout.n" in proc.stderr
-    help_text = subprocess.run([sys.executable, "-m", "stapo", "train", "--help"], capture_output=True, text=True)
+    help_text = subprocess.run([sys.executable, "-m", "stapo", "train", "--help"], capture_output=True, text=True,
+                               check=True)
     assert "--resume" in help_text.stdout and "objective.name" in help_text.stdout
 
 

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stable RL fine-tuning on verifiable rewards (STAPO and baselines).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in SUBCOMMANDS.items():
+    for module in SUBCOMMANDS.values():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -225,8 +225,8 @@ def _validate(cfg: TrainConfig) -> None:
         (r.n >= 1, "rollout.n must be >= 1"),
         (r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1"),
         (r.prompts_per_step % o.mini_batch_prompts == 0,
-         f"rollout.prompts_per_step ({r.prompts_per_step}) must be a multiple of "
-         f"optim.mini_batch_prompts ({o.mini_batch_prompts})"),
+         (f"rollout.prompts_per_step ({r.prompts_per_step}) must be a multiple of "
+          f"optim.mini_batch_prompts ({o.mini_batch_prompts})")),
         (o.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
         (r.temperature > 0, "rollout.temperature must be > 0 for RL (the loss uses logits / T)"),
         (0 <= r.min_new_tokens <= r.max_new_tokens, "rollout.min_new_tokens must be in [0, rollout.max_new_tokens]"),

@@ -35,6 +35,9 @@ class DistContext:
         return self.world_size > 1 or self.strategy != "none"
 
 
+LOCAL = DistContext()  # a single process, no process group
+
+
 def init_distributed(strategy: str, device_type: str) -> DistContext:
     """Join the process group torchrun describes; a single process without torchrun stays local."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -4,7 +4,7 @@ from .base import Generation, Generator, SamplingConfig
 from .collate import collate_rollouts
 from .hf import HFGenerator
 
-__all__ = ["Generation", "Generator", "SamplingConfig", "collate_rollouts", "HFGenerator", "make_generator"]
+__all__ = ["Generation", "Generator", "HFGenerator", "SamplingConfig", "collate_rollouts", "make_generator"]
 
 
 def make_generator(backend: str, model, tokenizer, **kwargs):

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ..distributed import DistContext, barrier, unwrap
+from ..distributed import LOCAL, DistContext, barrier, unwrap
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _FAULT_ENV = "STAPO_CHECKPOINT_FAULT"  # test hook: "after_policy" simulates a crash mid-save
@@ -54,7 +54,7 @@ def save_checkpoint(
     scheduler,
     state: dict[str, Any],
     keep_last: int = 2,
-    ctx: DistContext = DistContext(),
+    ctx: DistContext = LOCAL,
 ) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep_last``.
 
@@ -115,7 +115,7 @@ def save_checkpoint(
 
 
 def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, scheduler, model=None,
-                       ctx: DistContext = DistContext()) -> dict[str, Any]:
+                       ctx: DistContext = LOCAL) -> dict[str, Any]:
     """Restore optimizer, scheduler and this rank's RNG states; return the saved ``state`` (with ``step``).
 
     The model's weights come from ``policy/`` (``setup.load_policy``), or under FSDP2 from

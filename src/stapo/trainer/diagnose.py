@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from ..diagnostics import DiagnosticsAccumulator, diagnostic_entropy_threshold, dump_rollouts
-from ..distributed import DistContext, gather_variable
+from ..distributed import LOCAL, DistContext, gather_variable
 from ..objectives import get_objective
 
 
 class StepDiagnostics:
-    def __init__(self, cfg, vocab_size: int, ctx: DistContext = DistContext()):
+    def __init__(self, cfg, vocab_size: int, ctx: DistContext = LOCAL):
         self.enabled = cfg.diagnostics.enabled
         self.vocab_size, self.ctx = vocab_size, ctx
         self.rows = cfg.optim.mini_batch_prompts // ctx.world_size * cfg.rollout.n
@@ -23,7 +23,7 @@ class StepDiagnostics:
         # quadrant cuts default to the S2T settings; a stapo run's own τ_p / q take precedence
         self.prob_threshold = getattr(obj_cfg, "prob_threshold", cfg.diagnostics.prob_threshold)
         self.entropy_quantile = getattr(obj_cfg, "entropy_quantile", cfg.diagnostics.entropy_quantile)
-        self.clip = dict(clip_low=obj_cfg.clip_low, clip_high=obj_cfg.clip_high, clip_ratio_c=obj_cfg.clip_ratio_c)
+        self.clip = {"clip_low": obj_cfg.clip_low, "clip_high": obj_cfg.clip_high, "clip_ratio_c": obj_cfg.clip_ratio_c}
 
     def measure(self, batch) -> dict[str, float]:
         """``diag/*`` metrics of the step's batch (all ranks take part; identical result on each)."""

@@ -13,10 +13,6 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..objectives import get_objective
-from ..reuse import make_gate
-from ..rewards import RewardPool
-from ..rollout import make_generator
 from ..distill import compute_teacher_logprobs
 from ..distributed import (
     all_reduce_sum,
@@ -27,6 +23,10 @@ from ..distributed import (
     unwrap,
     wrap_model,
 )
+from ..objectives import get_objective
+from ..reuse import make_gate
+from ..rewards import RewardPool
+from ..rollout import make_generator
 from . import setup
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .diagnose import StepDiagnostics
@@ -36,12 +36,12 @@ from .phases import (
     SUM_METRICS,
     ProblemSampler,
     attach_advantages,
-    rollout_engine_mismatch,
     compute_old_logprobs,
     generate_rollouts,
     old_stats_from_update,
-    split_constant_groups,
+    rollout_engine_mismatch,
     score_rollouts,
+    split_constant_groups,
     update_policy,
 )
 

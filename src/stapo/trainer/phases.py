@@ -12,7 +12,7 @@ import torch
 
 from ..advantages import group_advantages
 from ..batch import RolloutBatch
-from ..distributed import DistContext, all_reduce_sum, gather_variable
+from ..distributed import LOCAL, DistContext, all_reduce_sum, gather_variable
 from ..objectives import (
     TokenStats,
     count_units,
@@ -210,7 +210,7 @@ class MetricMean:
 
 
 def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_fresh: bool,
-                  ctx: DistContext = DistContext(), gate=None, collision: bool = False) -> dict[str, float]:
+                  ctx: DistContext = LOCAL, gate=None, collision: bool = False) -> dict[str, float]:
     """``ppo_epochs`` passes of optimizer mini-batches of M prompts over ``batch``.
 
     Per mini-batch: (1) mini-batch-wide thresholds from the current policy's
