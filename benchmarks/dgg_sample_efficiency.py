@@ -204,7 +204,8 @@ def markdown(args, results: list[dict], machine: str, wall: float, base: Path) -
         (f"Machine: {machine}. {len(results)} runs, {args.jobs} at a time with {args.threads} thread each"
          + (f"; a run took {statistics.fmean(walls):.0f} s wall on average, the grid ≈ "
             f"{sum(walls) / args.jobs / 60:.1f} min wall (Σ run wall / jobs)" if walls else "")
-         + f". This invocation: {wall / 60:.1f} min wall (runs finished earlier are reused)."),
+         + (f". This invocation: {wall / 60:.1f} min wall." if not all(r.get("reused") for r in results)
+            else ". (Report regenerated from the finished runs.)")),
         "",
         (f"Set-up: the built-in demo config (P = 16 × G = 8 = 128 responses a step, M = P: one optimizer "
          f"step a pass, lr 5e-5, AdamW) for **{args.steps} RL steps** (the demo's default is 150), one "
