@@ -148,3 +148,45 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# --- grids of `stapo train` runs ------------------------------------------------------------
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] when there is none)."""
+    from pathlib import Path
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def run_training(cmd: Sequence[str], run_dir, log, threads: int, cwd) -> float:
+    """One ``stapo train`` subprocess with its output in ``log``; returns its wall seconds.
+
+    An unfinished ``run_dir`` left by an earlier invocation is removed first, so a grid can be
+    re-run after an interruption and only the missing runs start again.
+    """
+    import shutil
+    from pathlib import Path
+
+    if Path(run_dir).exists():
+        shutil.rmtree(run_dir)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - t0
+
+
+def mean_sd(values: Sequence[float], scale: float = 100.0, fmt: str = "{:.1f}") -> str:
+    """'mean ± sample SD' of ``values × scale`` ('-' when empty)."""
+    if not values:
+        return "-"
+    m = statistics.fmean(values) * scale
+    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{fmt.format(m)} ± {fmt.format(sd)}"

@@ -69,7 +69,7 @@ def worker(spec: dict) -> dict:
             one()
 
     res = measure(step, repeats=spec["repeats"], device=spec["device"])
-    return {**spec, **res}
+    return {**spec, **res, "torch_threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -107,11 +108,24 @@ def worker(spec: dict) -> dict:
         weight.grad = None
 
     res = measure(step, repeats=spec["repeats"], device=dev)
-    return {**spec, **res}
+    return {**spec, **res, "torch_threads": torch.get_num_threads()}
 
 
 RATIO_HEADER = ["N", "variant", "wall (s)", "wall / naive", "CPU (s)", "CPU / naive", "peak memory",
                 "memory / naive", "load"]
+
+
+def combine_rounds(rounds: list[dict]) -> dict:
+    """One result per variant: medians over rounds of the per-round medians, the largest peak."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return rounds[0]
+    out = dict(ok[0])
+    for key in ("median_s", "cpu_median_s"):
+        out[key] = statistics.median(r[key] for r in ok)
+    out["peak_bytes"] = max(r["peak_bytes"] for r in ok)
+    out["load_avg"] = statistics.mean(r["load_avg"] for r in ok)
+    return out
 
 
 def ratio_rows(n, results):
@@ -152,7 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile stapo's per-chunk functions")
     ap.add_argument("--tf32", action="store_true",
                     help="CUDA: allow TF32 matmuls for every variant (bf16 inputs are exact in TF32)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per worker (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=1, help="fresh workers per variant, interleaved")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0 = torch's default)")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json", type=Path, help="append raw results (one JSON per line)")
@@ -162,27 +177,30 @@ def main(argv=None) -> int:
     print("Command: `.venv/bin/python " + " ".join([str(HERE.relative_to(ROOT))] + sys.argv[1:]) + "`\n")
     rows = []
     for n in args.n:
-        results = []
-        for variant in args.variants:
-            for chunk in args.chunk_sizes if variant == "stapo" else [None]:
-                spec = {
-                    "variant": variant, "n": n, "hidden": args.hidden, "vocab": args.vocab, "device": args.device,
-                    "dtype": args.dtype, "temperature": args.temperature, "chunk_size": chunk or 1024,
-                    "frozen_head": args.frozen_head, "compile": args.compile and variant == "stapo",
-                    "repeats": args.repeats,
-                }
-                r = run_worker(str(HERE), spec, timeout=args.timeout)
-                results.append(r)
-                if args.json:
-                    with args.json.open("a") as f:
-                        f.write(json.dumps(r) + "\n")
-                print(f"  {variant} n={n} chunk={chunk}: "
-                      + (r.get("error") or f"{r['median_s']:.3f} s, {fmt_bytes(r['peak_bytes'])}"), flush=True)
-        rows += ratio_rows(n, results)
+        runs: dict[tuple, list[dict]] = {}
+        for rnd in range(args.rounds):  # rounds interleave the variants, so load drift hits all alike
+            for variant in args.variants:
+                for chunk in args.chunk_sizes if variant == "stapo" else [None]:
+                    spec = {
+                        "variant": variant, "n": n, "hidden": args.hidden, "vocab": args.vocab,
+                        "device": args.device, "dtype": args.dtype, "temperature": args.temperature,
+                        "chunk_size": chunk or DEFAULT_CHUNK_SIZE, "frozen_head": args.frozen_head,
+                        "compile": args.compile and variant == "stapo", "tf32": args.tf32,
+                        "threads": args.threads, "repeats": args.repeats, "round": rnd,
+                    }
+                    r = run_worker(str(HERE), spec, timeout=args.timeout)
+                    runs.setdefault((variant, chunk), []).append(r)
+                    if args.json:
+                        with args.json.open("a") as f:
+                            f.write(json.dumps(r) + "\n")
+                    print(f"  round {rnd} {variant} n={n} chunk={chunk}: "
+                          + (r.get("error") or f"{r['median_s']:.3f} s, {fmt_bytes(r['peak_bytes'])}"), flush=True)
+        rows += ratio_rows(n, [combine_rounds(rs) for rs in runs.values()])
     print()
     threads = args.threads or "default"
     print(f"H = {args.hidden}, V = {args.vocab}, {args.dtype} on {args.device} ({threads} threads), τ = {args.temperature}, "
-          f"{'frozen head' if args.frozen_head else 'hidden and W trainable'}, median of {args.repeats}\n")
+          f"{'frozen head' if args.frozen_head else 'hidden and W trainable'}, median of {args.repeats} runs"
+          + (f", median over {args.rounds} interleaved rounds" if args.rounds > 1 else "") + "\n")
     print(markdown_table(RATIO_HEADER, rows))
     return 0
 

@@ -23,16 +23,16 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import machine_description, markdown_table
+from _common import machine_description, markdown_table, mean_sd, read_metrics, run_training
+
+from stapo.config.train import DEMO
 
 OBJECTIVES = ["grpo", "stapo", "opsd", "dasd_reverse", "dasd"]
 DISTILL = {"opsd", "dasd_reverse", "dasd"}
@@ -56,10 +56,7 @@ def train_command(args, base: Path, objective: str, seed: int, beta: float | Non
 
 def summarise(run_dir: Path, tail: int) -> dict | None:
     """Numbers of one finished run, or None when it did not finish."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = read_metrics(run_dir)
     evals = [r for r in rows if "eval/accuracy" in r]
     if len(evals) < 2:
         return None
@@ -86,32 +83,18 @@ def launch(args, base: Path, spec: tuple, out: Path, previous: dict) -> dict:
     if done is not None and done["steps"] == args.steps:
         wall = previous.get(run_name(objective, seed, beta), {}).get("wall_s")
         return {"objective": objective, "seed": seed, "beta": beta, "reused": True, "wall_s": wall, **done}
-    if run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)  # an unfinished run: start it again
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    t0 = time.perf_counter()
     log = out / f"{run_name(objective, seed, beta)}.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(train_command(args, base, objective, seed, beta, out), stdout=f, stderr=subprocess.STDOUT,
-                              env=env, cwd=ROOT, check=False)
-    wall = time.perf_counter() - t0
+    wall = run_training(train_command(args, base, objective, seed, beta, out), run_dir, log, args.threads, ROOT)
     result = summarise(run_dir, args.tail)
-    if proc.returncode != 0 or result is None:
-        raise RuntimeError(f"{run_name(objective, seed, beta)} failed (exit {proc.returncode}); see {log}")
+    if result is None:
+        raise RuntimeError(f"{run_name(objective, seed, beta)} finished without its evaluations; see {log}")
     print(f"done {run_name(objective, seed, beta)} in {wall:.0f}s: avg@{args.eval_samples} "
           f"{result['acc_before']:.3f} -> {result['acc_after']:.3f}, H {result['entropy_final']:.3f}", flush=True)
     return {"objective": objective, "seed": seed, "beta": beta, "wall_s": wall, **result}
 
 
-def mean_sd(values: list[float], pct: bool = True) -> str:
-    scale, fmt = (100.0, "{:.1f}") if pct else (1.0, "{:.3f}")
-    if not values:
-        return "-"
-    m = statistics.fmean(values) * scale
-    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{fmt.format(m)} ± {fmt.format(sd)}"
+def pct_or_plain(values: list[float], pct: bool = True) -> str:
+    return mean_sd(values) if pct else mean_sd(values, 1.0, "{:.3f}")
 
 
 def _run_time(results: list[dict], jobs: int) -> str:
@@ -134,8 +117,8 @@ def markdown(args, results: list[dict], machine: str, wall: float) -> str:
         (f"Machine: {machine}. {len(results)} runs, {args.jobs} at a time with {args.threads} thread each; "
          f"{_run_time(results, args.jobs)} This invocation: {wall / 60:.1f} min wall."),
         "",
-        (f"Set-up: the built-in demo config (P = 16 × G = 8 rollouts a step, lr 5e-5, ≤ 40 new tokens) for "
-        f"**{args.steps} RL steps** (the demo's default is 150), one demo base model (seed {args.base_seed}) "
+        (f"Set-up: the built-in demo config (P = 16 × G = 8 rollouts a step, M = {DEMO['optim']['mini_batch_prompts']} prompts an optimizer step, lr 5e-5, ≤ 40 new tokens) for "
+        f"**{args.steps} RL steps** (the demo's default is {DEMO['steps']}), one demo base model (seed {args.base_seed}) "
         f"shared by all runs; seeds are RL seeds. Held-out: avg@{k} = mean accuracy of {k} samples at "
         f"temperature 1 on {args.heldout} held-out problems, before and after RL (the same {args.heldout} problems "
         f"and evaluation seed for every objective at a given RL seed). Final entropy: the rollout policy's mean "
@@ -149,12 +132,12 @@ def markdown(args, results: list[dict], machine: str, wall: float) -> str:
         if not rs:
             continue
         delta = [r["acc_after"] - r["acc_before"] for r in rs]
-        rows.append([f"`{obj}`", mean_sd([r["acc_before"] for r in rs]), mean_sd([r["acc_after"] for r in rs]),
-                     mean_sd(delta), mean_sd([r["greedy_after"] for r in rs]),
-                     mean_sd([r["entropy_final"] for r in rs], pct=False),
-                     mean_sd([r["reward_tail"] for r in rs]),
-                     mean_sd([r["repel"] for r in rs], pct=True) if obj in DISTILL else "-",
-                     mean_sd([r["kl_teacher"] for r in rs], pct=False) if obj in DISTILL else "-",
+        rows.append([f"`{obj}`", pct_or_plain([r["acc_before"] for r in rs]), pct_or_plain([r["acc_after"] for r in rs]),
+                     pct_or_plain(delta), pct_or_plain([r["greedy_after"] for r in rs]),
+                     pct_or_plain([r["entropy_final"] for r in rs], pct=False),
+                     pct_or_plain([r["reward_tail"] for r in rs]),
+                     pct_or_plain([r["repel"] for r in rs], pct=True) if obj in DISTILL else "-",
+                     pct_or_plain([r["kl_teacher"] for r in rs], pct=False) if obj in DISTILL else "-",
                      " / ".join(f"{100 * r['acc_after']:.1f}" for r in sorted(rs, key=lambda r: r["seed"]))])
     lines += [markdown_table(
         ["objective", f"avg@{k} before", f"avg@{k} after", "Δ", "greedy after", "final entropy",
@@ -166,9 +149,9 @@ def markdown(args, results: list[dict], machine: str, wall: float) -> str:
             rs = [r for r in sweep if (DEFAULT_BETA if r["beta"] is None else r["beta"]) == beta
                   and r["seed"] in args.sweep_seeds]
             srows.append([f"{beta:g}" + (" (default)" if beta == DEFAULT_BETA else "") + (" ≡ justrl" if beta == 0 else ""),
-                          mean_sd([r["acc_after"] - r["acc_before"] for r in rs]),
-                          mean_sd([r["acc_after"] for r in rs]), mean_sd([r["entropy_final"] for r in rs], pct=False),
-                          mean_sd([r["repel"] for r in rs]), mean_sd([r["kl_teacher"] for r in rs], pct=False),
+                          pct_or_plain([r["acc_after"] - r["acc_before"] for r in rs]),
+                          pct_or_plain([r["acc_after"] for r in rs]), pct_or_plain([r["entropy_final"] for r in rs], pct=False),
+                          pct_or_plain([r["repel"] for r in rs]), pct_or_plain([r["kl_teacher"] for r in rs], pct=False),
                           len(rs)])
         lines += [f"β sweep of `dasd` (seeds {', '.join(map(str, args.sweep_seeds))}; β = 0 is exactly `justrl`):", "",
                   markdown_table(["β", "Δ avg@k", f"avg@{k} after", "final entropy", "repelled %",

@@ -4,7 +4,7 @@ Compares ``reuse.gate`` = none (each rollout batch used once), fixed (K passes) 
 K passes, lm_head-gradient z-score veto), each with the STAPO and GRPO objectives, over RL seeds.
 
 Every run is ``python -m stapo train`` on the built-in demo config (``stapo.config.DEMO``: P = 16
-prompts × G = 8 samples a step, M = P so one optimizer step a pass, lr 5e-5, ≤ 40 new tokens) with
+prompts × G = 8 samples a step, M = 4 prompts so four optimizer steps a pass, lr 5e-5, ≤ 40 new tokens) with
 only these overrides: ``steps``, ``eval_every``, ``eval_samples``, ``data.heldout_size``, ``threads``,
 ``diagnostics.dump_every=0``, ``reward.num_workers=1``, ``reuse.*`` and ``model.name_or_path`` = ONE
 demo base model (built once with ``--base-seed``) shared by every run, so runs differ only by
@@ -33,17 +33,16 @@ import argparse
 import concurrent.futures
 import json
 import math
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import machine_description, markdown_table
+from _common import machine_description, markdown_table, mean_sd, read_metrics, run_training
+
+from stapo.config.train import DEMO
 
 OBJECTIVES = ["stapo", "grpo"]
 GATES = ["none", "fixed", "dgg"]
@@ -64,10 +63,7 @@ def train_command(args, base: Path, objective: str, gate: str, seed: int) -> lis
 
 def summarise(run_dir: Path, steps: int) -> dict | None:
     """The curves of one finished run, or None when it did not finish."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = read_metrics(run_dir)
     if not rows or rows[-1]["step"] != steps:
         return None
     train_s, curve, per_step = 0.0, [], []
@@ -91,18 +87,11 @@ def launch(args, base: Path, spec: tuple, previous: dict) -> dict:
     if done is not None:  # finished by an earlier invocation: keep the wall time it measured
         return {"objective": objective, "gate": gate, "seed": seed, "reused": True,
                 "wall_s": previous.get(name, {}).get("wall_s"), **done}
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # an unfinished run: start it again
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    t0 = time.perf_counter()
-    log = args.out / f"{name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(train_command(args, base, objective, gate, seed), stdout=f,
-                              stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
-    wall = time.perf_counter() - t0
+    wall = run_training(train_command(args, base, objective, gate, seed), run_dir, args.out / f"{name}.log",
+                        args.threads, ROOT)
     result = summarise(run_dir, args.steps)
-    if proc.returncode != 0 or result is None:
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {log}")
+    if result is None:
+        raise RuntimeError(f"{name} finished without reaching step {args.steps}; see {args.out / (name + '.log')}")
     c = result["curve"]
     print(f"done {name} in {wall:.0f}s: acc {c[0]['acc']:.3f} -> {c[-1]['acc']:.3f}", flush=True)
     return {"objective": objective, "gate": gate, "seed": seed, "wall_s": wall, **result}
@@ -114,14 +103,6 @@ def launch(args, base: Path, spec: tuple, previous: dict) -> dict:
 def first_reach(curve: list[dict], target: float) -> dict | None:
     """The first evaluation at or above ``target`` (None: never within the run)."""
     return next((e for e in curve if e["acc"] >= target), None)
-
-
-def mean_sd(values: list[float], scale: float = 100.0, fmt: str = "{:.1f}") -> str:
-    if not values:
-        return "-"
-    m = statistics.fmean(values) * scale
-    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{fmt.format(m)} ± {fmt.format(sd)}"
 
 
 def reach_stats(runs: list[dict], target: float, key: str) -> tuple[float, int]:
@@ -207,8 +188,9 @@ def markdown(args, results: list[dict], machine: str, wall: float, base: Path) -
          + (f". This invocation: {wall / 60:.1f} min wall." if not all(r.get("reused") for r in results)
             else ". (Report regenerated from the finished runs.)")),
         "",
-        (f"Set-up: the built-in demo config (P = 16 × G = 8 = 128 responses a step, M = P: one optimizer "
-         f"step a pass, lr 5e-5, AdamW) for **{args.steps} RL steps** (the demo's default is 150), one "
+        (f"Set-up: the built-in demo config (P = {DEMO['rollout']['prompts_per_step']} × G = {DEMO['rollout']['n']} "
+         f"responses a step, M = {DEMO['optim']['mini_batch_prompts']} prompts an optimizer step, "
+         f"lr {DEMO['optim']['lr']:g}, AdamW) for **{args.steps} RL steps** (the demo's default is {DEMO['steps']}), one "
          f"base model shared by every run, {base_description(base)}; seeds are RL seeds. K = {args.max_reuse}; "
          f"DGG at its defaults (τ = 0.5, W = 8, statistic = norm). Held-out accuracy: mean over "
          f"{args.eval_samples} samples at temperature 1 on {args.heldout} held-out problems, every "

@@ -159,14 +159,14 @@ class TrainConfig:
 # The built-in demo: the paper's recipe scaled to a 0.5M-parameter model on 2 CPU cores
 # (lr raised from 1e-6 and batch shrunk; see README "Demo").
 DEMO: dict[str, Any] = {
-    "steps": 250,
+    "steps": 400,
     "save_every": 50,
     "eval_every": 50,
     "eval_samples": 4,
     "model": {"name_or_path": "demo"},
     "data": {"train": "demo", "heldout": "demo", "template": "none", "heldout_size": 256},
     "rollout": {"prompts_per_step": 16, "n": 8, "max_new_tokens": 40, "generation_batch_size": 128},
-    "optim": {"lr": 5e-5, "warmup_steps": 0, "mini_batch_prompts": 16, "micro_batch_size": 64},
+    "optim": {"lr": 5e-5, "warmup_steps": 0, "mini_batch_prompts": 4, "micro_batch_size": 64},  # M = P/4, as 256/64
     "objective": {"options": {}},
     "diagnostics": {"dump_every": 50},
     "distill": {"hint_template": "demo"},  # only read by the self-distillation objectives

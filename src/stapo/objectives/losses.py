@@ -18,6 +18,7 @@ import torch
 
 from .aggregate import agg_loss
 from .masks import (
+    _check_level,
     expand_advantages,
     high_entropy_mask,
     high_entropy_threshold,
@@ -230,19 +231,19 @@ def _stapo_overrides(cfg, stats, gather):
 )
 def stapo(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy, **kw):
     """STAPO (arXiv 2602.15620): `justrl` × S2T keep-mask, token-mean over valid, unsilenced tokens."""
-    silenced = _stapo_silenced(cfg, logprobs, entropy, advantages, response_mask)
+    # s2t_mask, inlined so the candidates and τ_h (reported below) are computed once
+    _check_level("entropy_quantile", cfg.entropy_quantile)
+    cand = s2t_candidates(logprobs, advantages, response_mask, cfg.prob_threshold)
+    ent = entropy.detach().to(torch.float64)
+    tau = cfg.entropy_threshold
+    if tau is None:
+        tau = quantile(ent[cand], cfg.entropy_quantile) if bool(cand.any()) else float("nan")
+    silenced = cand & (ent < tau)  # NaN (no candidates) and -inf silence nothing
     keep = response_mask.bool() & ~silenced
     loss, metrics = _clip_objective(cfg, logprobs, old_logprobs, advantages, response_mask,
                                     entropy=entropy, loss_mask=keep, **kw)
-    cand = s2t_candidates(logprobs, advantages, response_mask, cfg.prob_threshold)
     metrics["s2t/masked_fraction"] = _masked_mean(silenced, response_mask)
     metrics["s2t/candidates"] = cand.sum().detach().float()
     metrics["s2t/silenced"] = silenced.sum().detach().float()
-    if cfg.entropy_threshold is not None:
-        tau = cfg.entropy_threshold
-    elif bool(cand.any()):
-        tau = quantile(entropy.detach()[cand], cfg.entropy_quantile)
-    else:
-        tau = float("nan")  # no candidates: no threshold
     metrics["s2t/entropy_threshold"] = torch.tensor(tau if tau != float("-inf") else float("nan"))
     return loss, metrics

@@ -57,9 +57,8 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "TokenStatsOut", "naive_token_stats", "stats_fr
 
 # Workspace size in rows of full-vocabulary logits: each of the two tile buffers holds
 # chunk_size·V fp32 values (16 MiB at V = 32k, 74 MiB at V = 152k). Chosen by measurement
-# (benchmarks/RESULTS_token_stats.md, N = 4k, V = 32k): single-threaded, 128-256 ran at the
-# naive path's speed and 1024 ~12 % slower (bigger tiles fall out of cache); peak memory was
-# 0.105 (128), 0.125 (256) and 0.17 (1024) of naive, so 128 meets the ≤ 1/8 goal with room.
+# (benchmarks/RESULTS_token_stats.md, N = 4k, V = 32k, one thread, chunk sweep): peak memory
+# grows with the chunk while the time does not improve, and 128 keeps the ≤ 1/8 goal with room.
 DEFAULT_CHUNK_SIZE = 128
 
 

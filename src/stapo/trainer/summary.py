@@ -27,9 +27,9 @@ def run_summary(run_dir: str | Path) -> dict[str, float | None]:
         "accuracy_after": last_eval.get("eval/accuracy"),
         "greedy_before": first_eval.get("eval/greedy_accuracy"),
         "greedy_after": last_eval.get("eval/greedy_accuracy"),
-        "entropy_final": mean("actor/entropy"),
+        # the update's entropy where the objective computes it, else the rollout policy's (diagnostics)
+        "entropy_final": mean("actor/entropy") if mean("actor/entropy") is not None else mean("diag/entropy/mean"),
         "masked_fraction": mean("s2t/masked_fraction"),
-        "diag_masked_fraction": mean("diag/silenced_fraction"),
         "train_time_s": sum(r.get("time/step", 0.0) for r in train_rows),
     }
 

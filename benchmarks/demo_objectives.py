@@ -1,0 +1,197 @@
+"""The objectives on the built-in demo task (issue 4): the six-objective table and the stress setting.
+
+Every run is ``python -m stapo train`` on the built-in demo config (``stapo.config.DEMO``, what
+``make demo ALGO=<objective> SEED=<s>`` runs) with only operational overrides (``output_dir``,
+``run_name``, ``threads``, ``save_every``, ``diagnostics.dump_every=0``, ``reward.num_workers=1``)
+and ``model.name_or_path`` = the demo base model of that seed (built and cached exactly as
+``make demo`` does, under ``--base-cache``). So seed s of every objective starts from the same
+model, sees the same held-out problems and differs only by the objective.
+
+Two grids:
+  default   the six objectives × seeds at the demo's settings
+  --stress  the collapse stress setting: lr raised (``--lr``, default 3e-4), a longer run, GRPO
+            versus STAPO at each τ_p of ``--prob-thresholds`` (0.002 is the paper's)
+
+Reported per run (its metrics.jsonl): held-out accuracy (``eval/accuracy``: mean of the demo's
+samples at temperature 1; ``eval/greedy_accuracy``) before and after RL, the lowest and highest
+accuracy seen after step 0, the current policy's mean token entropy over the last ``--tail``
+steps (``diag/entropy/mean``, the rollout policy's, logged for every objective), the mean S2T masked fraction, and the largest gradient norm.
+
+Run (the recorded results; see BENCHMARKS.md):
+  .venv/bin/python benchmarks/demo_objectives.py --jobs 2 --markdown benchmarks/RESULTS_demo_objectives.md
+  .venv/bin/python benchmarks/demo_objectives.py --stress --seeds 0 --steps 300 --jobs 2 \\
+      --markdown benchmarks/RESULTS_demo_stress.md
+Runs already finished under --out are reused (delete the folder to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import machine_description, markdown_table, mean_sd, read_metrics, run_training
+
+OBJECTIVES = ["stapo", "justrl", "grpo", "dapo", "dr_grpo", "entropy20"]
+
+
+def variants(args) -> list[tuple[str, str, dict]]:
+    """(label, objective name, objective options) of the grid."""
+    if not args.stress:
+        return [(o, o, {}) for o in args.objectives]
+    return [("grpo", "grpo", {})] + [(f"stapo τ_p={t:g}", "stapo", {"prob_threshold": t}) for t in args.prob_thresholds]
+
+
+def run_name(label: str, seed: int) -> str:
+    return label.replace(" τ_p=", "-tp").replace(" ", "_") + f"-s{seed}"
+
+
+def train_command(args, base: Path, objective: str, options: dict, seed: int, name: str) -> list[str]:
+    cmd = [sys.executable, "-m", "stapo", "train", f"objective.name={objective}", f"seed={seed}",
+           f"model.name_or_path={base}", f"output_dir={args.out}", f"run_name={name}", f"threads={args.threads}",
+           f"save_every={args.steps or 10**9}", "diagnostics.dump_every=0", "reward.num_workers=1"]
+    if args.steps:
+        cmd.append(f"steps={args.steps}")
+    if args.lr:
+        cmd.append(f"optim.lr={args.lr}")
+    if options:
+        cmd.append("objective.options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}")
+    return [*cmd, "--quiet"]  # after the overrides: argparse ends the positionals at an option
+
+
+def summarise(run_dir: Path, tail: int) -> dict | None:
+    """The numbers of one finished run (None when it did not finish)."""
+    rows = read_metrics(run_dir)
+    evals = [r for r in rows if "eval/accuracy" in r]
+    train = [r for r in rows if "diag/entropy/mean" in r]  # logged for every objective
+    if len(evals) < 2 or not train or not (run_dir / "plots").exists():
+        return None
+    after = evals[1:]
+    return {
+        "steps": rows[-1]["step"],
+        "acc_before": evals[0]["eval/accuracy"], "acc_after": evals[-1]["eval/accuracy"],
+        "greedy_before": evals[0]["eval/greedy_accuracy"], "greedy_after": evals[-1]["eval/greedy_accuracy"],
+        "acc_min": min(r["eval/accuracy"] for r in after), "acc_max": max(r["eval/accuracy"] for r in after),
+        "curve": [(r["step"], r["eval/accuracy"]) for r in evals],
+        "entropy_final": statistics.fmean(r["diag/entropy/mean"] for r in train[-tail:]),
+        "entropy_max": max(r["diag/entropy/mean"] for r in train),
+        "masked_fraction": statistics.fmean(r.get("s2t/masked_fraction", 0.0) for r in train),
+        "grad_norm_max": max(r["actor/grad_norm"] for r in train),
+        "train_s": sum(r.get("time/step", 0.0) for r in rows),
+    }
+
+
+def launch(args, bases: dict[int, Path], spec: tuple) -> dict:
+    (label, objective, options), seed = spec
+    name = run_name(label, seed)
+    run_dir = args.out / name
+    out = {"label": label, "objective": objective, "seed": seed}
+    done = summarise(run_dir, args.tail)
+    if done is not None and (not args.steps or done["steps"] == args.steps):
+        return {**out, "reused": True, **done}
+    wall = run_training(train_command(args, bases[seed], objective, options, seed, name), run_dir,
+                        args.out / f"{name}.log", args.threads, ROOT)
+    result = summarise(run_dir, args.tail)
+    if result is None:
+        raise RuntimeError(f"{name} finished without its evaluations; see {args.out / (name + '.log')}")
+    print(f"done {name} in {wall:.0f}s: {result['acc_before']:.3f} -> {result['acc_after']:.3f}, "
+          f"H {result['entropy_final']:.3f}", flush=True)
+    return {**out, "wall_s": wall, **result}
+
+
+def pp(values: list[float]) -> str:
+    return mean_sd(values)
+
+
+def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[int, Path]) -> str:
+    title = "Stress setting" if args.stress else "Six objectives"
+    cmd = "benchmarks/demo_objectives.py" + (" --stress" if args.stress else "")
+    cmd += f" --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs} --threads {args.threads}"
+    cmd += (f" --steps {args.steps}" if args.steps else "") + (f" --lr {args.lr:g}" if args.lr else "")
+    steps = results[0]["steps"]
+    walls = [r["wall_s"] for r in results if r.get("wall_s")]
+    lines = [
+        f"### {title} on the demo task (issue 4)", "",
+        f"Command: `.venv/bin/python {cmd}`", "",
+        (f"Machine: {machine}. {len(results)} runs, {args.jobs} at a time with {args.threads} thread each"
+         + (f"; a run took {statistics.fmean(walls):.0f} s wall on average" if walls else "")
+         + f"; this invocation {wall / 60:.1f} min wall."), "",
+        (f"Set-up: the `make demo` config ({steps} RL steps"
+         + (f", **lr {args.lr:g}**" if args.lr else "") + "), the demo base model of each seed ("
+         + ", ".join(f"seed {s}: `{p.name}`" for s, p in sorted(bases.items())) + "). Held-out accuracy: "
+         "the demo's evaluation (256 held-out problems, 4 samples each at temperature 1, and greedy), "
+         "before RL and after the last step; min / max: over the evaluations after step 0. Final entropy: the "
+         f"rollout policy's mean token entropy over the last {args.tail} steps. Mean ± sample SD over seeds; "
+         "accuracies in %."), "",
+    ]
+    rows = []
+    for label in dict.fromkeys(r["label"] for r in results):
+        rs = sorted((r for r in results if r["label"] == label), key=lambda r: r["seed"])
+        delta = [r["acc_after"] - r["acc_before"] for r in rs]
+        rows.append([f"`{label}`", len(rs), pp([r["acc_before"] for r in rs]), pp([r["acc_after"] for r in rs]),
+                     pp(delta), " / ".join(f"{100 * d:+.1f}" for d in delta),
+                     pp([r["greedy_after"] - r["greedy_before"] for r in rs]),
+                     pp([r["acc_min"] for r in rs]), pp([r["acc_max"] for r in rs]),
+                     mean_sd([r["entropy_final"] for r in rs], 1.0, "{:.3f}"),
+                     mean_sd([r["entropy_max"] for r in rs], 1.0, "{:.3f}"),
+                     mean_sd([r["masked_fraction"] for r in rs], 1.0, "{:.1e}"),
+                     mean_sd([r["grad_norm_max"] for r in rs], 1.0, "{:.2f}")])
+    lines += [markdown_table(
+        ["objective", "seeds", "sampled before", "sampled after", "Δ", "Δ per seed", "greedy Δ", "min after 0",
+         "max after 0", "final entropy", "max entropy", "S2T masked fraction", "max grad norm"], rows), ""]
+    lines += ["Held-out accuracy curves (%, every evaluation):", ""]
+    lines += [markdown_table(["objective", "seed", "accuracy by step"], [
+        [f"`{r['label']}`", r["seed"], " → ".join(f"{100 * a:.1f}" for _, a in r["curve"])]
+        for r in sorted(results, key=lambda r: (r["label"], r["seed"]))]), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--objectives", nargs="+", default=OBJECTIVES)
+    p.add_argument("--stress", action="store_true", help="GRPO vs STAPO at each τ_p, at --lr")
+    p.add_argument("--prob-thresholds", type=float, nargs="+", default=[0.002, 0.01, 0.05])
+    p.add_argument("--lr", type=float, default=None, help="optim.lr (default: the demo's; --stress: 3e-4)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=None, help="RL steps (default: the demo's)")
+    p.add_argument("--tail", type=int, default=10, help="steps averaged for the final entropy")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--base-cache", type=Path, default=ROOT / "runs" / "_demo_base",
+                   help="where `make demo` caches its base models (one folder per seed)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None, help="write the result fragment here")
+    args = p.parse_args(argv)
+    if args.stress and args.lr is None:
+        args.lr = 3e-4
+    args.out = args.out or Path("/tmp") / ("demo_stress" if args.stress else "demo_objectives")
+
+    import torch
+
+    from stapo.demo.assets import build_base_model
+
+    torch.set_num_threads(max(1, args.threads * args.jobs))
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = machine_description()
+    bases = {s: build_base_model(args.base_cache / f"seed{s}", seed=s) for s in args.seeds}
+    specs = [(v, s) for v in variants(args) for s in args.seeds]
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda spec: launch(args, bases, spec), specs))
+    wall = time.perf_counter() - t0
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    text = markdown(args, results, machine, wall, bases)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
