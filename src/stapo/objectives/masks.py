@@ -81,8 +81,8 @@ def s2t_candidates(
 ) -> torch.Tensor:
     """S2T candidates: valid tokens with A > 0 and current-policy p < τ_p.  Shape [B, T], bool."""
     adv = expand_advantages(advantages, logprobs).detach()
-    # p < τ_p as log p < log τ_p in float64: the same cut as exp(log p) < τ_p (a float32 log p is never
-    # within exp's rounding of log τ_p), without an exp over every token; τ_p = 0 gives -inf: no candidate
+    # p < τ_p as log p < log τ_p in float64, without an exp over every token: the same cut as
+    # exp(log p) < τ_p (they could differ only within an ulp of τ_p); τ_p = 0 gives -inf: no candidate
     log_tau = math.log(prob_threshold) if prob_threshold > 0 else float("-inf")
     return response_mask.bool() & (adv > 0) & (logprobs.detach().to(torch.float64) < log_tau)
 
