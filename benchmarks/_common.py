@@ -190,3 +190,23 @@ def mean_sd(values: Sequence[float], scale: float = 100.0, fmt: str = "{:.1f}") 
     m = statistics.fmean(values) * scale
     sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
     return f"{fmt.format(m)} ± {fmt.format(sd)}"
+
+
+def run_grid(launch: Callable[[object], dict], specs: Sequence, jobs: int) -> tuple[list[dict], float]:
+    """``launch`` over ``specs`` with ``jobs`` at a time; returns the results in order and the wall seconds."""
+    import concurrent.futures
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(launch, specs))
+    return results, time.perf_counter() - t0
+
+
+def write_report(out_dir, results: list[dict], text: str, markdown_path=None) -> None:
+    """Save the raw results as ``out_dir/results.json``, print the report and write it to ``markdown_path``."""
+    from pathlib import Path
+
+    (Path(out_dir) / "results.json").write_text(json.dumps(results, indent=1))
+    print(text)
+    if markdown_path:
+        Path(markdown_path).write_text(text + "\n")

@@ -27,16 +27,21 @@ Runs already finished under --out are reused (delete the folder to start over).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import machine_description, markdown_table, mean_sd, read_metrics, run_training
+from _common import (
+    machine_description,
+    markdown_table,
+    mean_sd,
+    read_metrics,
+    run_grid,
+    run_training,
+    write_report,
+)
 
 OBJECTIVES = ["stapo", "justrl", "grpo", "dapo", "dr_grpo", "entropy20"]
 
@@ -105,10 +110,6 @@ def launch(args, bases: dict[int, Path], spec: tuple) -> dict:
     return {**out, "wall_s": wall, **result}
 
 
-def pp(values: list[float]) -> str:
-    return mean_sd(values)
-
-
 def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[int, Path]) -> str:
     title = "Stress setting" if args.stress else "Six objectives"
     cmd = "benchmarks/demo_objectives.py" + (" --stress" if args.stress else "")
@@ -134,10 +135,10 @@ def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[i
     for label in dict.fromkeys(r["label"] for r in results):
         rs = sorted((r for r in results if r["label"] == label), key=lambda r: r["seed"])
         delta = [r["acc_after"] - r["acc_before"] for r in rs]
-        rows.append([f"`{label}`", len(rs), pp([r["acc_before"] for r in rs]), pp([r["acc_after"] for r in rs]),
-                     pp(delta), " / ".join(f"{100 * d:+.1f}" for d in delta),
-                     pp([r["greedy_after"] - r["greedy_before"] for r in rs]),
-                     pp([r["acc_min"] for r in rs]), pp([r["acc_max"] for r in rs]),
+        rows.append([f"`{label}`", len(rs), mean_sd([r["acc_before"] for r in rs]), mean_sd([r["acc_after"] for r in rs]),
+                     mean_sd(delta), " / ".join(f"{100 * d:+.1f}" for d in delta),
+                     mean_sd([r["greedy_after"] - r["greedy_before"] for r in rs]),
+                     mean_sd([r["acc_min"] for r in rs]), mean_sd([r["acc_max"] for r in rs]),
                      mean_sd([r["entropy_final"] for r in rs], 1.0, "{:.3f}"),
                      mean_sd([r["entropy_max"] for r in rs], 1.0, "{:.3f}"),
                      mean_sd([r["masked_fraction"] for r in rs], 1.0, "{:.1e}"),
@@ -181,15 +182,8 @@ def main(argv=None) -> int:
     machine = machine_description()
     bases = {s: build_base_model(args.base_cache / f"seed{s}", seed=s) for s in args.seeds}
     specs = [(v, s) for v in variants(args) for s in args.seeds]
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda spec: launch(args, bases, spec), specs))
-    wall = time.perf_counter() - t0
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    text = markdown(args, results, machine, wall, bases)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    results, wall = run_grid(lambda spec: launch(args, bases, spec), specs, args.jobs)
+    write_report(args.out, results, markdown(args, results, machine, wall, bases), args.markdown)
     return 0
 
 

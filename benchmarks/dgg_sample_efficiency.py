@@ -30,17 +30,23 @@ Runs already finished under --out are reused (delete the folder to start over).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import machine_description, markdown_table, mean_sd, read_metrics, run_training
+from _common import (
+    machine_description,
+    markdown_table,
+    mean_sd,
+    read_metrics,
+    run_grid,
+    run_training,
+    write_report,
+)
 
 from stapo.config.train import DEMO
 
@@ -281,15 +287,8 @@ def main(argv=None) -> int:
     saved = args.out / "results.json"
     previous = {run_name(r["objective"], r["gate"], r["seed"]): r for r in json.loads(saved.read_text())} \
         if saved.exists() else {}
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda spec: launch(args, base, spec, previous), specs))
-    wall = time.perf_counter() - t0
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    text = markdown(args, results, machine, wall, base)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    results, wall = run_grid(lambda spec: launch(args, base, spec, previous), specs, args.jobs)
+    write_report(args.out, results, markdown(args, results, machine, wall, base), args.markdown)
     return 0
 
 

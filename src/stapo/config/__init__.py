@@ -4,14 +4,14 @@ from .schema import ConfigError, apply_overrides, from_dict, load_yaml, merge, t
 from .train import DEMO, PRESETS, TrainConfig, build_config
 
 __all__ = [
-           "DEMO",
-           "PRESETS",
-           "ConfigError",
-           "TrainConfig",
-           "apply_overrides",
-           "build_config",
-           "from_dict",
-           "load_yaml",
-           "merge",
-           "to_dict",
+    "DEMO",
+    "PRESETS",
+    "ConfigError",
+    "TrainConfig",
+    "apply_overrides",
+    "build_config",
+    "from_dict",
+    "load_yaml",
+    "merge",
+    "to_dict",
 ]

@@ -18,13 +18,12 @@ import torch
 
 from .aggregate import agg_loss
 from .masks import (
-    _check_level,
     expand_advantages,
     high_entropy_mask,
     high_entropy_threshold,
-    quantile,
     s2t_candidates,
     s2t_mask,
+    s2t_silence,
     s2t_threshold,
 )
 from .registry import register_objective
@@ -231,14 +230,9 @@ def _stapo_overrides(cfg, stats, gather):
 )
 def stapo(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy, **kw):
     """STAPO (arXiv 2602.15620): `justrl` × S2T keep-mask, token-mean over valid, unsilenced tokens."""
-    # s2t_mask, inlined so the candidates and τ_h (reported below) are computed once
-    _check_level("entropy_quantile", cfg.entropy_quantile)
+    # s2t_mask in two steps, so the candidates and τ_h reported below are computed once
     cand = s2t_candidates(logprobs, advantages, response_mask, cfg.prob_threshold)
-    ent = entropy.detach().to(torch.float64)
-    tau = cfg.entropy_threshold
-    if tau is None:
-        tau = quantile(ent[cand], cfg.entropy_quantile) if bool(cand.any()) else float("nan")
-    silenced = cand & (ent < tau)  # NaN (no candidates) and -inf silence nothing
+    silenced, tau = s2t_silence(cand, entropy, cfg.entropy_quantile, cfg.entropy_threshold)
     keep = response_mask.bool() & ~silenced
     loss, metrics = _clip_objective(cfg, logprobs, old_logprobs, advantages, response_mask,
                                     entropy=entropy, loss_mask=keep, **kw)

@@ -26,6 +26,7 @@ __all__ = [
     "quantile",
     "s2t_candidates",
     "s2t_mask",
+    "s2t_silence",
     "s2t_threshold",
 ]
 
@@ -127,14 +128,28 @@ def s2t_mask(
     ``entropy_threshold`` uses that τ_h instead (the mini-batch-wide value).
     All inputs are used detached. No candidates -> nothing is silenced.
     """
-    _check_level("entropy_quantile", entropy_quantile)
     cand = s2t_candidates(logprobs, advantages, response_mask, prob_threshold)
+    return s2t_silence(cand, entropy, entropy_quantile, entropy_threshold)[0]
+
+
+def s2t_silence(
+    candidates: torch.Tensor,
+    entropy: torch.Tensor,
+    entropy_quantile: float = 0.75,
+    entropy_threshold: float | None = None,
+) -> tuple[torch.Tensor, float]:
+    """(silenced [B, T], τ_h) from the S2T candidates: candidates with entropy H < τ_h.
+
+    τ_h is ``entropy_threshold`` when given, else the ``entropy_quantile`` quantile of the
+    candidates' entropies; NaN when there is no candidate (nothing is silenced).
+    """
+    _check_level("entropy_quantile", entropy_quantile)
     ent = entropy.detach().to(torch.float64)
     if entropy_threshold is None:
-        if not bool(cand.any()):
-            return torch.zeros_like(cand)
-        entropy_threshold = quantile(ent[cand], entropy_quantile)
-    return cand & (ent < entropy_threshold)
+        if not bool(candidates.any()):
+            return torch.zeros_like(candidates), float("nan")
+        entropy_threshold = quantile(ent[candidates], entropy_quantile)
+    return candidates & (ent < entropy_threshold), entropy_threshold
 
 
 def high_entropy_threshold(

@@ -21,14 +21,17 @@ def run_summary(run_dir: str | Path) -> dict[str, float | None]:
         vals = [r[key] for r in tail if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
 
+    # the update's entropy where the objective computes it, else the rollout policy's (diagnostics)
+    entropy = mean("actor/entropy")
+    if entropy is None:
+        entropy = mean("diag/entropy/mean")
     return {
         "steps": train_rows[-1]["step"] if train_rows else 0,
         "accuracy_before": first_eval.get("eval/accuracy"),
         "accuracy_after": last_eval.get("eval/accuracy"),
         "greedy_before": first_eval.get("eval/greedy_accuracy"),
         "greedy_after": last_eval.get("eval/greedy_accuracy"),
-        # the update's entropy where the objective computes it, else the rollout policy's (diagnostics)
-        "entropy_final": mean("actor/entropy") if mean("actor/entropy") is not None else mean("diag/entropy/mean"),
+        "entropy_final": entropy,
         "masked_fraction": mean("s2t/masked_fraction"),
         "train_time_s": sum(r.get("time/step", 0.0) for r in train_rows),
     }
