@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stapo",
         description="Stable RL fine-tuning on verifiable rewards (STAPO and baselines).",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS.values():
         try:
@@ -34,9 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a sub-command. A user error (bad config, data, run directory, checkpoint, a missing file)
+    prints one line and returns 2; ``--debug`` lets its traceback through."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args([a for a in argv if a != "--debug"])
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    from .errors import UserError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, FileNotFoundError) as err:
+        if debug:
+            raise
+        print(f"stapo {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__

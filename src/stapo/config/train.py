@@ -208,6 +208,73 @@ def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# Numeric ranges, checked in order (mini_batch_prompts >= 1 before anything divides by it).
+# (key, lower bound, lower bound allowed?, upper bound, upper bound allowed?); None = unbounded.
+RANGES: list[tuple[str, float | None, bool, float | None, bool]] = [
+    ("steps", 1, True, None, False),
+    ("save_every", 1, True, None, False),
+    ("log_every", 1, True, None, False),
+    ("keep_last", 1, True, None, False),
+    ("eval_every", 0, True, None, False),
+    ("eval_samples", 1, True, None, False),
+    ("threads", 0, True, None, False),
+    ("model.lora.r", 0, True, None, False),
+    ("model.lora.alpha", 0, False, None, False),
+    ("model.lora.dropout", 0, True, 1, False),
+    ("data.heldout_size", 1, True, None, False),
+    ("rollout.prompts_per_step", 1, True, None, False),
+    ("rollout.n", 1, True, None, False),
+    ("rollout.temperature", 0, False, None, False),  # RL needs T > 0: the loss uses logits / T
+    ("rollout.top_p", 0, False, 1, True),
+    ("rollout.max_new_tokens", 1, True, None, False),
+    ("rollout.min_new_tokens", 0, True, None, False),
+    ("rollout.generation_batch_size", 1, True, None, False),
+    ("rollout.max_refill_rounds", 0, True, None, False),
+    ("reward.timeout", 0, False, None, False),
+    ("reward.num_workers", 1, True, None, False),
+    ("reward.format_weight", None, False, None, False),  # finite
+    ("optim.lr", 0, False, None, False),
+    ("optim.warmup_steps", 0, True, None, False),
+    ("optim.weight_decay", 0, True, None, False),
+    ("optim.grad_clip", 0, False, None, False),
+    ("optim.mini_batch_prompts", 1, True, None, False),
+    ("optim.micro_batch_size", 1, True, None, False),
+    ("optim.ppo_epochs", 1, True, None, False),
+    ("optim.max_nonfinite_steps", 1, True, None, False),
+    ("diagnostics.prob_threshold", 0, False, 1, False),
+    ("diagnostics.entropy_quantile", 0, True, 1, True),
+    ("diagnostics.dump_every", 0, True, None, False),
+    ("reuse.max_reuse", 1, True, None, False),
+    ("reuse.window", 2, True, None, False),  # the z-score needs a standard deviation
+    ("reuse.z_threshold", None, False, None, False),
+    ("reuse.eps", 0, False, None, False),
+]
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    import math
+
+    from .schema import ConfigError
+
+    def bound(lo, lo_ok, hi, hi_ok) -> str:
+        left = "" if lo is None else f"{'>=' if lo_ok else '>'} {lo}"
+        right = "" if hi is None else f"{'<=' if hi_ok else '<'} {hi}"
+        return " and ".join(x for x in (left, right) if x) or "finite"
+
+    for key, lo, lo_ok, hi, hi_ok in RANGES:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        ok = math.isfinite(value)
+        ok = ok and (lo is None or (value >= lo if lo_ok else value > lo))
+        ok = ok and (hi is None or (value <= hi if hi_ok else value < hi))
+        if not ok:
+            raise ConfigError(f"config key {key!r} must be {bound(lo, lo_ok, hi, hi_ok)}; got {value!r}")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1); got {betas!r}")
+
+
 def _validate(cfg: TrainConfig) -> None:
     from ..objectives import OBJECTIVES, get_objective
     from .schema import ConfigError
@@ -220,29 +287,23 @@ def _validate(cfg: TrainConfig) -> None:
         get_objective(cfg.objective.name).config(**cfg.objective.options)
     except TypeError as err:
         raise ConfigError(f"config key 'objective.options': {err}") from None
+    _check_ranges(cfg)
     r, o = cfg.rollout, cfg.optim
     checks = [
-        (r.n >= 1, "rollout.n must be >= 1"),
-        (r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1"),
         (r.prompts_per_step % o.mini_batch_prompts == 0,
          (f"rollout.prompts_per_step ({r.prompts_per_step}) must be a multiple of "
           f"optim.mini_batch_prompts ({o.mini_batch_prompts})")),
-        (o.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
-        (r.temperature > 0, "rollout.temperature must be > 0 for RL (the loss uses logits / T)"),
-        (0 <= r.min_new_tokens <= r.max_new_tokens, "rollout.min_new_tokens must be in [0, rollout.max_new_tokens]"),
-        (0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]"),
-        (cfg.keep_last >= 1, "keep_last must be >= 1"),
+        (r.min_new_tokens <= r.max_new_tokens, "rollout.min_new_tokens must be in [0, rollout.max_new_tokens]"),
+        (r.tis_cap is None or r.tis_cap > 0, "rollout.tis_cap must be > 0 (or null to disable TIS)"),
+        (cfg.reward.overlong_buffer is None or 0 <= cfg.reward.overlong_buffer <= r.max_new_tokens,
+         "reward.overlong_buffer must be in [0, rollout.max_new_tokens] (0 or null: no penalty)"),
         (not (r.backend == "vllm" and cfg.parallel.strategy == "fsdp2"),
          "rollout.backend=vllm with parallel.strategy=fsdp2 is not supported (weights are sharded); use ddp"),
         (not (r.backend == "vllm" and cfg.model.lora.r > 0),
          "rollout.backend=vllm with model.lora.r > 0 is not supported yet: merge-and-push of adapters is missing"),
-        (r.tis_cap is None or r.tis_cap > 0, "rollout.tis_cap must be > 0 (or null to disable TIS)"),
         (cfg.parallel.strategy == "none" or (r.prompts_per_step % _world() == 0
                                               and o.mini_batch_prompts % _world() == 0),
          "rollout.prompts_per_step and optim.mini_batch_prompts must be multiples of the world size"),
-        (cfg.reuse.max_reuse >= 1, "reuse.max_reuse must be >= 1"),
-        (cfg.reuse.window >= 2, "reuse.window must be >= 2 (the z-score needs a standard deviation)"),
-        (cfg.reuse.eps > 0, "reuse.eps must be > 0"),
         (cfg.reuse.gate != "dgg" or cfg.model.lora.r == 0,
          "reuse.gate=dgg gates on the lm_head gradient, but LoRA (model.lora.r > 0) freezes the lm_head"),
     ]

@@ -23,11 +23,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .problem import Problem
 from .prompts import apply_template, strip_template
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is missing a field, or has one of the wrong type; the message names both."""
 
 

@@ -5,13 +5,18 @@ Layout of ``RUN_DIR/checkpoints/step_000010/``:
     dcp/                        FSDP2 only: sharded model + optimizer (torch.distributed.checkpoint)
     trainer_state/tensors.safetensors   optimizer moments, RNG states
     trainer_state/state.json    step, data cursor, scheduler, optimizer hyper-parameters, counters
+    manifest.json               size and sha256 of every other file
 
 A checkpoint is written into a hidden temp directory and renamed into place, so a
 crash mid-save leaves the previous checkpoint intact and no half-written one visible.
+The manifest catches what the rename cannot: a file truncated, or bytes flipped, after the
+save (a full disk, a bad copy, bit rot). ``resume_checkpoint`` uses the newest checkpoint
+that matches its manifest and moves the newer corrupt ones aside.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -26,9 +31,15 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..distributed import LOCAL, DistContext, barrier, unwrap
+from ..errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+MANIFEST = "manifest.json"
 _FAULT_ENV = "STAPO_CHECKPOINT_FAULT"  # test hook: "after_policy" simulates a crash mid-save
+
+
+class CheckpointError(UserError):
+    """No usable checkpoint: none saved, or every one fails its manifest; the message names the files."""
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -98,6 +109,7 @@ def save_checkpoint(
             "rng": [{"python": _jsonable(r["python"]), "numpy": _jsonable(r["numpy"])} for r in rng_states],
         }
         _write_json(tmp / "trainer_state" / "state.json", meta)
+        _write_json(tmp / MANIFEST, {"step": step, "files": _file_digests(tmp)})
         _fsync_tree(tmp)
         if final.exists():  # re-saving the same step: move the old one aside first
             old = root / f".old-step_{step:06d}"
@@ -112,6 +124,59 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
     return final
+
+
+def verify_checkpoint(ckpt: str | Path) -> list[str]:
+    """What is wrong with ``ckpt`` against its manifest ([] = intact): one entry per bad file.
+
+    A checkpoint written before manifests existed is checked for its state file only.
+    """
+    ckpt = Path(ckpt)
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        expected = manifest["files"]
+    except FileNotFoundError:
+        expected = None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return [f"{MANIFEST}: unreadable"]
+    if expected is None:
+        state = ckpt / "trainer_state" / "state.json"
+        return [] if state.is_file() else ["trainer_state/state.json: missing"]
+    problems = []
+    for name, want in sorted(expected.items()):
+        path = ckpt / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != want["size"]:
+            problems.append(f"{name}: {path.stat().st_size} bytes, expected {want['size']}")
+        elif _sha256(path) != want["sha256"]:
+            problems.append(f"{name}: checksum mismatch")
+    return problems
+
+
+def resume_checkpoint(run_dir: str | Path, warn=print) -> Path:
+    """The newest intact checkpoint of ``run_dir``; newer corrupt ones are reported through ``warn``
+    and renamed to ``checkpoints/.corrupt-step_N`` so pruning and later resumes skip them."""
+    dirs = checkpoint_dirs(run_dir)
+    if not dirs:
+        raise CheckpointError(f"--resume {run_dir}: no checkpoint under {Path(run_dir) / 'checkpoints'} "
+                              "(the run stopped before its first save); start it again without --resume")
+    corrupt = []
+    for ckpt in reversed(dirs):
+        problems = verify_checkpoint(ckpt)
+        if not problems:
+            break
+        corrupt.append((ckpt, problems))
+    else:
+        detail = "; ".join(f"{c.name}: {', '.join(p)}" for c, p in corrupt)
+        raise CheckpointError(f"--resume {run_dir}: no intact checkpoint ({detail})")
+    for bad, problems in corrupt:
+        aside = bad.with_name(f".corrupt-{bad.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(bad, aside)
+        warn(f"warning: checkpoint {bad.name} is corrupt ({', '.join(problems)}); moved it to "
+             f"{aside} and resuming from {ckpt.name}")
+    return ckpt
 
 
 def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, scheduler, model=None,
@@ -130,7 +195,7 @@ def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, sched
     tensors = load_file(str(ckpt / "trainer_state" / "tensors.safetensors"))
     if meta.get("strategy") == "fsdp2" or ctx.strategy == "fsdp2":
         if meta.get("strategy") != ctx.strategy:
-            raise ValueError(f"checkpoint {ckpt} was written with parallel.strategy={meta.get('strategy')}; "
+            raise CheckpointError(f"checkpoint {ckpt} was written with parallel.strategy={meta.get('strategy')}; "
                              f"resume with the same strategy (got {ctx.strategy})")
         _load_sharded(ckpt, model, optimizer)
     else:
@@ -241,6 +306,22 @@ def _jsonable(obj):
 
 def _tuplify(obj):
     return tuple(_tuplify(v) for v in obj) if isinstance(obj, list) else obj
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_digests(root: Path) -> dict[str, dict]:
+    return {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _write_json(path: Path, data) -> None:

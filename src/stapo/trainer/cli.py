@@ -9,7 +9,12 @@ EPILOG = """examples:
   stapo train                                   # the built-in demo (tiny model, synthetic arithmetic)
   stapo train objective.name=grpo seed=1        # the demo with another objective
   stapo train configs/stapo_qwen3_1p7b.yaml rollout.n=4 optim.lr=2e-6
-  stapo train --resume runs/stapo-s0-20261127-1200 steps=400
+  stapo train --resume runs/stapo-s0-20261127-1200 steps=400 optim.lr=1e-5
+
+--resume applies the overrides from the checkpoint's step on (lr, weight decay and betas go into the
+restored optimizer) and records them in RUN_DIR/config_history.jsonl; it refuses the keys that would
+break the run (seed, data.train, data.shuffle, rollout.n, model.*). A bad config, data file, run
+directory or checkpoint exits with status 2 and one line; `stapo --debug train ...` shows the traceback.
 """
 
 
@@ -29,7 +34,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..config import ConfigError, build_config
+    """Errors in the config, data, run directory or checkpoints raise ``UserError``: `stapo` prints
+    them as one line and exits with status 2 (``--debug`` for the traceback)."""
+    from ..config import build_config
+    from ..errors import UserError
 
     config_path = None
     overrides = list(args.args)
@@ -37,12 +45,11 @@ def run(args) -> int:
         config_path = overrides.pop(0)
     if args.resume:
         if config_path:
-            raise SystemExit("--resume reads RUN_DIR/config.yaml; give only key=value overrides with it")
+            raise UserError("--resume reads RUN_DIR/config.yaml; give only key=value overrides with it")
+        if not Path(args.resume).is_dir():
+            raise UserError(f"--resume {args.resume}: no such run directory")
         config_path = str(Path(args.resume) / "config.yaml")
-    try:
-        cfg = build_config(config_path, overrides)
-    except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
+    cfg = build_config(config_path, overrides)
     from .loop import TrainingStopped, train
     from .summary import print_summary
 

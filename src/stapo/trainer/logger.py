@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -64,18 +65,21 @@ class RunLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of ``metrics.jsonl``; a torn last line (a killed or still-running writer) is skipped."""
+    from ..diagnostics.report import load_metrics
+
+    return load_metrics(run_dir)
 
 
 def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
-    """Drop lines after ``last_step`` (a resumed run re-logs the steps it repeats)."""
+    """Keep the rows up to ``last_step`` (a resumed run re-logs the steps it repeats) and drop a torn
+    last line; the file is replaced atomically."""
     path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():
         keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, path)
 
 
 def _clean(v):

@@ -5,6 +5,7 @@ Every phase is a named function from ``stapo.trainer.phases``; this file only wi
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -16,7 +17,6 @@ from ..config import TrainConfig
 from ..distill import compute_teacher_logprobs
 from ..distributed import (
     all_reduce_sum,
-    broadcast_object,
     init_distributed,
     reduce_metrics,
     shutdown,
@@ -27,11 +27,11 @@ from ..objectives import get_objective
 from ..reuse import make_gate
 from ..rewards import RewardPool
 from ..rollout import make_generator
-from . import setup
-from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from . import rundir, setup
+from .checkpoint import load_trainer_state, save_checkpoint
 from .diagnose import StepDiagnostics
 from .heldout import heldout_accuracy
-from .logger import RunLogger, truncate_metrics
+from .logger import RunLogger
 from .phases import (
     SUM_METRICS,
     ProblemSampler,
@@ -56,16 +56,19 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
     ctx = init_distributed(cfg.parallel.strategy, device.type)
     device = setup.rank_device(device, ctx)
     try:
-        return _train(cfg, ctx, device, resume, quiet or not ctx.is_main)
+        with contextlib.ExitStack() as held:  # the run directory's lock, held until the run ends
+            return _train(cfg, ctx, device, resume, quiet or not ctx.is_main, held)
     finally:
         shutdown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
-    run_dir = Path(resume) if resume else broadcast_object(setup.make_run_dir(cfg) if ctx.is_main else None)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir}/checkpoints")
+def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.ExitStack) -> Path:
+    # --- inputs, checked before the model loads: data, the run directory (locked), prompt lengths ---
+    train_set, heldout = setup.load_problem_sets(cfg)
+    run_dir, ckpt = held.enter_context(rundir.resume_run(resume, cfg, ctx)) if resume else (None, None)
+    setup.check_prompt_lengths(cfg, train_set, heldout, ckpt)
+    if not resume:  # created only now that the config and data are valid
+        run_dir = held.enter_context(rundir.new_run(cfg, ctx))
     setup.seed_everything(cfg.seed + ctx.rank)  # each rank samples its own rollouts
     if device.type == "cpu":
         setup.set_cpu_threads(cfg.threads)
@@ -79,7 +82,6 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
     model = wrap_model(model, ctx, device)  # DDP / FSDP2, or the model itself
     optimizer, scheduler = setup.build_optimizer(model, cfg)
     gate = make_gate(cfg.reuse, model)  # rollout reuse (DGG, docs/dgg.md); None = each batch used once
-    train_set, heldout = setup.load_problem_sets(cfg)
     sampler = ProblemSampler(train_set, cfg.seed, cfg.data.shuffle)  # same global order on every rank
     generator = make_generator(cfg.rollout.backend, unwrap(model), tokenizer, **_generator_kwargs(cfg, ctx))
     sleep_between_rollouts = bool(cfg.rollout.vllm.get("enable_sleep_mode", False))
@@ -87,11 +89,10 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
     state = {"step": 0, "consecutive_nonfinite": 0, "rollouts": 0}
     if ckpt is not None:
         state = load_trainer_state(ckpt, optimizer, scheduler, model, ctx)
+        setup.apply_optim_settings(optimizer, scheduler, cfg)  # a resume's lr / weight decay overrides
         sampler.load_state_dict(state.pop("sampler"))
         if gate is not None:
             gate.load_state_dict(state.pop("reuse_gate", None))  # the z-score window, for exact resume
-        if ctx.is_main:
-            truncate_metrics(run_dir, state["step"])
     heldout = setup.shard(heldout, ctx) if heldout else None
     heldout_prompts = setup.render_prompts(heldout, tokenizer, cfg) if heldout else None
     autocast = setup.autocast_context(cfg, device)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from ..config import TrainConfig, to_dict
+from ..config import TrainConfig
+from ..errors import UserError
 
 
 def seed_everything(seed: int) -> None:
@@ -59,16 +58,6 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
-def make_run_dir(cfg: TrainConfig) -> Path:
-    name = cfg.run_name or f"{cfg.objective.name}-s{cfg.seed}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(cfg.output_dir) / name
-    if (run_dir / "checkpoints").exists():
-        raise FileExistsError(f"run directory {run_dir} already has checkpoints; use `--resume {run_dir}`")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return run_dir
-
-
 def base_model_path(cfg: TrainConfig, log=print) -> str:
     """The model to start from: a hub id / local path, or the built-in demo model (built once, cached)."""
     if cfg.model.name_or_path != "demo":
@@ -78,28 +67,67 @@ def base_model_path(cfg: TrainConfig, log=print) -> str:
     return str(build_base_model(Path(cfg.output_dir) / "_demo_base" / f"seed{cfg.seed}", seed=cfg.seed, log=log))
 
 
-def load_policy(cfg: TrainConfig, device: torch.device, checkpoint: Path | None = None, log=print):
-    """(model, tokenizer) on ``device``; LoRA-wrapped if ``model.lora.r > 0``; weights from ``checkpoint``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _sources(cfg: TrainConfig, checkpoint: Path | None, log=None) -> tuple[str, str]:
+    """(where the model's weights and config come from, where the tokenizer comes from)."""
     path = base_model_path(cfg, log)
-    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    policy_dir = checkpoint / "policy" if checkpoint is not None else None
-    lora = cfg.model.lora.r > 0
-    load_from = str(policy_dir) if policy_dir is not None and not lora else path
-    model = AutoModelForCausalLM.from_pretrained(
-        load_from, dtype=dtype[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code
-    )
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(policy_dir) if policy_dir is not None else path, trust_remote_code=cfg.model.trust_remote_code
-    )
+    policy_dir = str(checkpoint / "policy") if checkpoint is not None else None
+    # a LoRA checkpoint's policy/ holds the adapter (and tokenizer); the base weights stay where they were
+    return (path if policy_dir is None or cfg.model.lora.r > 0 else policy_dir), policy_dir or path
+
+
+def load_tokenizer(cfg: TrainConfig, source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as err:  # not a local folder nor a reachable hub id
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {err}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(cfg: TrainConfig, device: torch.device, checkpoint: Path | None = None):
+    """(model, tokenizer) on ``device``; LoRA-wrapped if ``model.lora.r > 0``; weights from ``checkpoint``."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    model_source, tokenizer_source = _sources(cfg, checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_source, dtype=dtype[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code
+    )
+    tokenizer = load_tokenizer(cfg, tokenizer_source)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if lora:
-        model = _wrap_lora(model, cfg, policy_dir)
+    if cfg.model.lora.r > 0:
+        model = _wrap_lora(model, cfg, checkpoint / "policy" if checkpoint is not None else None)
     return model.to(device), tokenizer
+
+
+def check_prompt_lengths(cfg: TrainConfig, train_set: list, heldout: list | None, checkpoint: Path | None) -> None:
+    """Every prompt plus ``rollout.max_new_tokens`` fits the model's positions. Reads the tokenizer and
+    the model's config only, so a too-long prompt stops the run before any weights load."""
+    from transformers import AutoConfig
+
+    model_source, tokenizer_source = _sources(cfg, checkpoint, log=print)  # builds the demo model once
+    tokenizer = load_tokenizer(cfg, tokenizer_source)
+    model_cfg = AutoConfig.from_pretrained(model_source, trust_remote_code=cfg.model.trust_remote_code)
+    positions = getattr(model_cfg, "max_position_embeddings", None) or getattr(model_cfg, "n_positions", None)
+    if not positions:
+        return
+    for key, problems in (("data.train", train_set), ("data.heldout", heldout or [])):
+        try:
+            prompts = render_prompts(problems, tokenizer, cfg)
+        except ValueError as err:  # the template does not render
+            raise UserError(f"data.template / data.use_chat_template: {err}") from None
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else [0]
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[i] + cfg.rollout.max_new_tokens > positions:
+            raise UserError(
+                f"{key}: problem {problems[i].id!r} has a {lengths[i]}-token prompt, which with "
+                f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} exceeds the model's {positions} positions "
+                "(max_position_embeddings); shorten the prompt or lower rollout.max_new_tokens"
+            )
 
 
 def _wrap_lora(model, cfg: TrainConfig, adapter_dir: Path | None):
@@ -135,10 +163,26 @@ def build_optimizer(model, cfg: TrainConfig):
     return optimizer, scheduler
 
 
+def apply_optim_settings(optimizer, scheduler, cfg: TrainConfig) -> None:
+    """Put the config's lr, weight decay and betas into a restored optimizer, so a resume's overrides
+    take effect (the saved param groups would win otherwise); the lr follows the schedule at its step."""
+    o = cfg.optim
+    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=o.lr, lr=o.lr * lr_lambda(scheduler.last_epoch),
+                     weight_decay=o.weight_decay, betas=tuple(o.betas))
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def load_problem_sets(cfg: TrainConfig):
-    """(train problems, held-out problems or None)."""
+    """(train problems, held-out problems or None); an empty set is an error naming its key."""
     d = cfg.data
-    return _load(d.train, cfg, "train"), (_load(d.heldout, cfg, "heldout")[: d.heldout_size] if d.heldout else None)
+    train_set = _load(d.train, cfg, "train")
+    heldout = _load(d.heldout, cfg, "heldout")[: d.heldout_size] if d.heldout else None
+    for key, spec, problems in (("data.train", d.train, train_set), ("data.heldout", d.heldout, heldout)):
+        if problems is not None and not problems:
+            raise UserError(f"{key}: {spec!r} holds no problems")
+    return train_set, heldout
 
 
 def _load(spec: str, cfg: TrainConfig, split: str):

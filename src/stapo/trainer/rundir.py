@@ -1,0 +1,242 @@
+"""The run directory: one writer at a time, a clean start, an honest resume, the config's history.
+
+``RUN_DIR/.lock``          an exclusive ``fcntl`` lock for the whole run, holding the writer's PID
+``RUN_DIR/config.yaml``    the config in force now
+``RUN_DIR/config_history.jsonl``   one line per start or resume: the step it took effect, what changed
+
+A second ``stapo train`` on the same run directory stops before loading the model, naming the PID that
+holds it. The kernel drops the lock when its holder exits, however it exits, so the lock of a killed
+run is free at once; the PID it left in the file is reported when the next run takes over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import TrainConfig, to_dict
+from ..distributed import broadcast_object
+from ..errors import UserError
+from .checkpoint import STEP_DIR, checkpoint_dirs, resume_checkpoint
+from .logger import truncate_metrics
+
+LOCK_FILE = ".lock"
+HISTORY = "config_history.jsonl"
+# What a new run writes; a re-run of a run name that left no checkpoint removes them (a clean start).
+RUN_OUTPUTS = ("metrics.jsonl", HISTORY, "rollouts", "plots", "tensorboard")
+# Keys a resumed run may not change, and why: the checkpoint's state depends on them.
+FROZEN_ON_RESUME = {
+    "seed": "the data order and the saved RNG states come from it",
+    "data.train": "the saved data cursor indexes this data set",
+    "data.shuffle": "the saved data cursor follows this order",
+    "rollout.n": "the group size shapes advantages and the saved reuse window",
+    "model.name_or_path": "the weights come from the checkpoint",
+    "model.dtype": "the optimizer state was saved for this dtype",
+    "model.trust_remote_code": "the checkpoint's model code is fixed",
+    "model.lora.r": "the saved adapter has this shape",
+    "model.lora.alpha": "the saved adapter has this scale",
+    "model.lora.dropout": "the saved adapter config holds it",
+    "model.lora.target_modules": "the saved adapter wraps these modules",
+    "reuse.gate": "the saved gate window belongs to this gate",
+    "reuse.window": "the saved gate window has this length",
+    "reuse.statistic": "the saved gate window holds this statistic",
+    "output_dir": "--resume names the run directory",
+    "run_name": "--resume names the run directory",
+}
+
+
+class RunLockedError(UserError):
+    """Another live process is writing to this run directory."""
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``RUN_DIR/.lock``; the file holds the holder's PID."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self, warn=None) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd, retries=20)  # the holder writes its PID right after locking
+            os.close(fd)
+            raise RunLockedError(
+                f"run directory {self.run_dir} is in use by another stapo process (PID {holder or 'unknown'}); "
+                "wait for it to finish or stop it, or choose another run_name"
+            ) from None
+        previous = _read_pid(fd)
+        if previous and previous != str(os.getpid()):
+            (warn or _warn)(f"warning: {self.run_dir} was last locked by PID {previous}, which ended without "
+                            "releasing it (killed or crashed); taking over")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)  # an empty lock file means the last writer finished cleanly
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_pid(fd: int, retries: int = 0) -> str:
+    for _ in range(retries + 1):
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        if retries:
+            time.sleep(0.01)
+    return ""
+
+
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def new_run(cfg: TrainConfig, ctx):
+    """Create (or clean) ``output_dir/run_name`` and hold its lock; yields the run directory.
+
+    A run directory that already has checkpoints is refused (resume it instead); one whose earlier
+    attempt left no checkpoint starts clean.
+    """
+    lock = None
+
+    def open_main() -> Path:
+        nonlocal lock
+        name = cfg.run_name or f"{cfg.objective.name}-s{cfg.seed}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        run_dir = Path(cfg.output_dir) / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir).acquire()
+        if checkpoint_dirs(run_dir):
+            lock.release()
+            raise UserError(f"run directory {run_dir} already has checkpoints; continue it with "
+                            f"`stapo train --resume {run_dir}` or choose another run_name")
+        for name in RUN_OUTPUTS:  # what a failed earlier attempt with this name left behind
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        record_config(run_dir, cfg, 0, None)
+        return run_dir
+
+    try:
+        yield _on_main(ctx, open_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@contextlib.contextmanager
+def resume_run(resume: str | Path, cfg: TrainConfig, ctx):
+    """Lock ``resume``, check what ``cfg`` changes, pick the newest intact checkpoint, repair
+    ``metrics.jsonl`` to its step and record the config; yields (run directory, checkpoint)."""
+    run_dir = Path(resume)
+    lock = None
+
+    def open_main() -> Path:
+        nonlocal lock
+        if not run_dir.is_dir():
+            raise UserError(f"--resume {run_dir}: no such run directory")
+        lock = RunLock(run_dir).acquire()
+        try:
+            changes = config_changes(run_dir, cfg)
+            ckpt = resume_checkpoint(run_dir, warn=_warn)
+            step = int(STEP_DIR.match(ckpt.name).group(1))
+            try:
+                truncate_metrics(run_dir, step)  # a torn last line goes; steps after the checkpoint are re-run
+            except ValueError as err:  # a damaged line before the end: the user decides what to keep
+                raise UserError(f"{err}; fix or delete that line, then resume") from None
+            record_config(run_dir, cfg, step, changes)
+        except BaseException:
+            lock.release()
+            raise
+        if changes:
+            _warn(f"resuming at step {step} with changes: "
+                  + ", ".join(f"{k} {v['from']!r} -> {v['to']!r}" for k, v in changes.items()))
+        return ckpt
+
+    try:
+        yield run_dir, _on_main(ctx, open_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _on_main(ctx, fn):
+    """``fn()`` on rank 0, its result (or its user error) on every rank."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except UserError as err:
+            if ctx.world_size == 1:
+                raise
+            error = str(err)
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(run_dir: Path, cfg: TrainConfig) -> dict[str, dict]:
+    """``{key: {"from": saved, "to": new}}`` between ``RUN_DIR/config.yaml`` and ``cfg``; a change to a
+    key of ``FROZEN_ON_RESUME`` is refused with the reason."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    from ..config import load_yaml
+
+    old, new = _flat(load_yaml(path)), _flat(to_dict(cfg))
+    changes = {k: {"from": old.get(k), "to": new.get(k)} for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)}
+    for key, c in changes.items():
+        frozen = next((f for f in FROZEN_ON_RESUME if key == f or key.startswith(f + ".")), None)
+        if frozen:
+            raise UserError(f"--resume cannot change {key} ({c['from']!r} -> {c['to']!r}): "
+                            f"{FROZEN_ON_RESUME[frozen]}; start a new run for that")
+    return changes
+
+
+def record_config(run_dir: Path, cfg: TrainConfig, step: int, changes: dict | None) -> None:
+    """Write ``config.yaml`` (atomically) and append the start (``changes`` None: the whole config) or
+    the resume (what changed, from ``step`` on) to the config history."""
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, run_dir / "config.yaml")
+    entry = {"step": step, "time": datetime.datetime.now().isoformat(timespec="seconds")}
+    entry |= {"event": "start", "config": to_dict(cfg)} if changes is None else {"event": "resume", "changes": changes}
+    with open(run_dir / HISTORY, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def read_config_history(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / HISTORY
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
