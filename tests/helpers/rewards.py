@@ -14,3 +14,10 @@ def sleepy_reward(data_source, solution_str, ground_truth, extra_info=None):
     if "3" in solution_str:
         time.sleep(60)
     return 1.0 if str(ground_truth)[0] in solution_str else 0.0
+
+
+def nan_reward(data_source, solution_str, ground_truth, extra_info=None):
+    """NaN on responses containing the digit 3 (a user's bug): never silently dropped."""
+    if "3" in solution_str:
+        return float("nan")
+    return 1.0 if str(ground_truth)[0] in solution_str else 0.0

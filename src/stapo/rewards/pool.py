@@ -25,7 +25,8 @@ the responses contain.
 
 Metrics (``stats`` cumulative, ``pop_metrics()`` since the last pop): ``reward/items``,
 ``reward/timeouts`` (soft or hard), ``reward/worker_restarts`` (hard kills and crashes),
-``reward/errors`` (the reward raised; scored 0.0), ``reward/gold_timeouts`` (a gold that did not
+``reward/errors`` (the reward raised; scored 0.0), ``reward/invalid`` (it returned NaN, an infinity
+or a non-number; scored 0.0 and warned about), ``reward/gold_timeouts`` (a gold that did not
 parse in ``gold_timeout``), ``reward/seconds`` (wall time in the pool).
 """
 
@@ -35,6 +36,7 @@ import collections
 import dataclasses
 import multiprocessing
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.connection import wait
@@ -58,6 +60,7 @@ METRIC_KEYS = (
     "reward/timeouts",
     "reward/worker_restarts",
     "reward/errors",
+    "reward/invalid",
     "reward/gold_timeouts",
     "reward/seconds",
 )
@@ -228,10 +231,11 @@ class RewardPool:
         return out
 
     # ---- scheduling ------------------------------------------------------------------------
-    def _run(self, tasks: list[_Task], timeout: float) -> tuple[list[tuple[float, str]], list[float]]:
+    def _run(self, tasks: list[_Task], timeout: float) -> tuple[list[tuple], list[float]]:
         """Run every task, at most one per worker at a time, each under ``timeout`` seconds.
 
-        Returns (value, status) per task, in order, and each task's seconds from dispatch to answer.
+        Returns (value, status[, detail]) per task, in order, and each task's seconds from dispatch to
+        answer.
         """
         if not self._finalizer.alive:
             raise RuntimeError("RewardPool is closed")
@@ -323,8 +327,8 @@ class RewardPool:
             if k not in self._home and k not in self._unparsable and len(k) <= MAX_ANSWER_CHARS
         ]
         results, _ = self._run([_Task("parse", (k,), {}, [k]) for k in keys], timeout)
-        for key, (_, status) in zip(keys, results):
-            if status != "ok":
+        for key, result in zip(keys, results):
+            if result[1] != "ok":
                 self._unparsable.add(key)
                 self._count(metric)
 
@@ -334,14 +338,24 @@ class RewardPool:
         results, seconds = self._run(real, self.timeout)
         it = iter(zip(results, seconds))
         values, self.last_item_seconds, self.last_item_status = [], [], []
-        for t in tasks:
-            (value, status), sec = next(it) if t is not None else ((0.0, "no-answer"), 0.0)
+        invalid = []
+        for i, t in enumerate(tasks):
+            result, sec = next(it) if t is not None else ((0.0, "no-answer"), 0.0)
+            value, status = result[:2]
             values.append(value)
             self.last_item_seconds.append(sec)
             self.last_item_status.append(status)
             if status in ("timeout", "error"):
                 self._count(f"reward/{status}s")
+            elif status == "invalid":
+                invalid.append((i, result[2]))
         self._count("reward/items", len(tasks))
+        if invalid:
+            self._count("reward/invalid", len(invalid))
+            i, what = invalid[0]
+            warnings.warn(f"reward {self.reward!r}: {len(invalid)} of {len(tasks)} items returned no valid number "
+                          f"(item {i} {what}); they score 0.0 and are counted in reward/invalid",
+                          RuntimeWarning, stacklevel=3)
         return values
 
     # ---- public scoring --------------------------------------------------------------------

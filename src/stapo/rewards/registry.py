@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,24 @@ BUILTIN = {
 }
 SIGNATURES = ("auto", "native", "verl", "trl")
 _GOLD_COLUMNS = ("solution", "answer", "ground_truth")
+
+
+class InvalidReward(ValueError):
+    """A reward function returned NaN, an infinity or something that is not a number."""
+
+
+def as_score(value: Any) -> float:
+    """``value`` as a finite float, else ``InvalidReward`` (the pool scores the item 0.0 and counts it
+    in ``reward/invalid``: a NaN would otherwise poison the advantages and skip the optimizer step)."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise InvalidReward(f"returned {value!r:.60}, not a number")
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise InvalidReward(f"returned {type(value).__name__} {value!r:.60}, not a number") from None
+    if not math.isfinite(score):
+        raise InvalidReward(f"returned {score}")
+    return score
 
 
 def import_function(spec: str) -> Callable:
@@ -83,7 +102,7 @@ class VerlAdapter:
 
     def __call__(self, response, gold, *, data_source=None, extra_info=None, **_) -> float:
         out = self.fn(data_source, response, gold, extra_info)
-        return float(out["score"] if isinstance(out, dict) else out)
+        return as_score(out["score"] if isinstance(out, dict) else out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +115,7 @@ class TrlAdapter:
         columns = {c: [gold] for c in _GOLD_COLUMNS if takes_any or c in params}
         out = self.fn(prompts=[prompt if prompt is not None else ""], completions=[response], **columns)
         value = out[0]
-        return 0.0 if value is None else float(value)
+        return 0.0 if value is None else as_score(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +126,7 @@ class NativeAdapter:
         params = inspect.signature(self.fn).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             kwargs = {k: v for k, v in kwargs.items() if k in params}
-        return float(self.fn(response, gold, **kwargs))
+        return as_score(self.fn(response, gold, **kwargs))
 
 
 _ADAPTERS = {"verl": VerlAdapter, "trl": TrlAdapter, "native": NativeAdapter}

@@ -8,7 +8,8 @@ Protocol on the worker's end of its own ``Pipe``:
     <- ("parse", (answer,), {}, soft_s)             -> (value, status)   1.0 if it parsed; now cached
     <- None                                         -> exit
 
-``status`` is "ok", "timeout" (the soft timer fired) or "error" (the reward raised; scored 0.0).
+``status`` is "ok", "timeout" (the soft timer fired), "error" (the reward raised; scored 0.0) or
+"invalid" (it returned NaN, an infinity or a non-number; scored 0.0, with a third element saying what).
 
 Two time limits guard each item. Here, a soft ``setitimer`` alarm after ``soft_s`` seconds raises
 ``SoftTimeout`` in Python code, so the worker survives and answers 0.0 at no restart cost. It is a
@@ -23,6 +24,8 @@ import logging
 import os
 import signal
 import traceback
+
+from .registry import InvalidReward
 
 
 class SoftTimeout(BaseException):
@@ -74,13 +77,15 @@ def _setup(spec: str, signature: str):
     return {"score": score, "verify": equal, "parse": lambda answer: bool(parse_answer(answer))}
 
 
-def _run(fn, args, kwargs, soft_timeout: float) -> tuple[float, str]:
+def _run(fn, args, kwargs, soft_timeout: float) -> tuple:
     _Alarm.armed = True
     signal.setitimer(signal.ITIMER_REAL, soft_timeout)
     try:
         return float(fn(*args, **kwargs)), "ok"
     except SoftTimeout:
         return 0.0, "timeout"
+    except InvalidReward as err:
+        return 0.0, "invalid", str(err)
     except Exception:  # noqa: BLE001 - MemoryError, RecursionError, anything a hostile input raises
         return 0.0, "error"
     finally:
