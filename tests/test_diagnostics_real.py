@@ -194,8 +194,11 @@ def test_dumps_and_analyze_on_a_real_grpo_run(tiny, tmp_path):
 
 
 def test_analyze_errors_name_the_path(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
-        main(["analyze", str(tmp_path)])
+    # a user error: one line on stderr and exit status 2 (``stapo --debug`` raises instead)
+    assert main(["analyze", str(tmp_path)]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "actor/entropy": 1.0}\n')
+    assert main(["analyze", str(tmp_path), "--theory-check"]) == 2
+    assert "no saved model" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no saved model"):
-        main(["analyze", str(tmp_path), "--theory-check"])
+        main(["--debug", "analyze", str(tmp_path), "--theory-check"])

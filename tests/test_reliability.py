@@ -189,10 +189,9 @@ def wait_for(condition, proc, seconds=120):
 
 
 def test_lock_names_a_live_holder_and_is_taken_over_from_a_dead_one(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from stapo.trainer.rundir import RunLock; "
-         f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
-        env=ENV, stdout=subprocess.PIPE, text=True)
+    script = (f"import time; from stapo.trainer.rundir import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
+              "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunLockedError, match=rf"in use by another stapo process \(PID {holder.pid}\)"):

@@ -169,7 +169,8 @@ def resume_checkpoint(run_dir: str | Path, warn=print) -> Path:
         corrupt.append((ckpt, problems))
     else:
         detail = "; ".join(f"{c.name}: {', '.join(p)}" for c, p in corrupt)
-        raise CheckpointError(f"--resume {run_dir}: no intact checkpoint ({detail})")
+        raise CheckpointError(f"--resume {run_dir}: no intact checkpoint ({detail}); to start the run again, "
+                              f"delete {Path(run_dir) / 'checkpoints'}")
     for bad, problems in corrupt:
         aside = bad.with_name(f".corrupt-{bad.name}")
         shutil.rmtree(aside, ignore_errors=True)
