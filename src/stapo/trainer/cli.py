@@ -13,8 +13,9 @@ EPILOG = """examples:
 
 --resume applies the overrides from the checkpoint's step on (lr, weight decay and betas go into the
 restored optimizer) and records them in RUN_DIR/config_history.jsonl; it refuses the keys that would
-break the run (seed, data.train, data.shuffle, rollout.n, model.*). A bad config, data file, run
-directory or checkpoint exits with status 2 and one line; `stapo --debug train ...` shows the traceback.
+break the run (seed, data.train, data.shuffle, rollout.n, the model, its dtype and LoRA shape). A bad
+config, data file, run directory or checkpoint exits with status 2 and one line; `stapo --debug train ...`
+shows the traceback. Faults and their messages: docs/reliability.md.
 """
 
 

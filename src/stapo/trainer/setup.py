@@ -120,11 +120,17 @@ def check_prompt_lengths(cfg: TrainConfig, train_set: list, heldout: list | None
             prompts = render_prompts(problems, tokenizer, cfg)
         except ValueError as err:  # the template does not render
             raise UserError(f"data.template / data.use_chat_template: {err}") from None
-        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else [0]
-        i = max(range(len(lengths)), key=lengths.__getitem__)
-        if lengths[i] + cfg.rollout.max_new_tokens > positions:
+        # a token spans at least one byte of text, so only prompts with more bytes than the room left
+        # (plus slack for added tokens) can overflow: tokenizing 17k prompts takes seconds
+        room = positions - cfg.rollout.max_new_tokens
+        suspects = [i for i, p in enumerate(prompts) if len(p.encode()) + 16 > room]
+        if not suspects:
+            continue
+        ids = tokenizer([prompts[i] for i in suspects], add_special_tokens=False)["input_ids"]
+        length, i = max((len(x), i) for x, i in zip(ids, suspects))
+        if length > room:
             raise UserError(
-                f"{key}: problem {problems[i].id!r} has a {lengths[i]}-token prompt, which with "
+                f"{key}: problem {problems[i].id!r} has a {length}-token prompt, which with "
                 f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} exceeds the model's {positions} positions "
                 "(max_position_embeddings); shorten the prompt or lower rollout.max_new_tokens"
             )
