@@ -324,18 +324,3 @@ def test_nan_reward_in_a_train_step_is_logged_not_dropped(tiny_model_dir, tmp_pa
     row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["reward/invalid"] > 0 and row["reward/mean"] is not None
     assert row["train/optimizer_steps"] == 2 and row["train/nonfinite_skipped"] == 0
-
-
-# --- docs ---------------------------------------------------------------------------------------
-
-def test_readme_reward_pool_snippet_runs_as_a_script(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL) if "RewardPool(" in b)
-    assert 'if __name__ == "__main__":' in block
-    script = tmp_path / "score.py"
-    script.write_text(block)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, check=False,
-                          cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "[1.0, 0.0]"
-

@@ -125,11 +125,10 @@ def new_run(cfg: TrainConfig, ctx):
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(run_dir).acquire()
         if checkpoint_dirs(run_dir):
-            lock.release()
             raise UserError(f"run directory {run_dir} already has checkpoints; continue it with "
                             f"`stapo train --resume {run_dir}` or choose another run_name")
-        for name in RUN_OUTPUTS:  # what a failed earlier attempt with this name left behind
-            path = run_dir / name
+        for output in RUN_OUTPUTS:  # what a failed earlier attempt with this name left behind
+            path = run_dir / output
             if path.is_dir():
                 shutil.rmtree(path)
             else:
@@ -156,24 +155,20 @@ def resume_run(resume: str | Path, cfg: TrainConfig, ctx):
         if not run_dir.is_dir():
             raise UserError(f"--resume {run_dir}: no such run directory")
         lock = RunLock(run_dir).acquire()
+        changes = config_changes(run_dir, cfg)
+        ckpt = resume_checkpoint(run_dir, warn=_warn)
+        step = int(STEP_DIR.match(ckpt.name).group(1))
         try:
-            changes = config_changes(run_dir, cfg)
-            ckpt = resume_checkpoint(run_dir, warn=_warn)
-            step = int(STEP_DIR.match(ckpt.name).group(1))
-            try:
-                truncate_metrics(run_dir, step)  # a torn last line goes; steps after the checkpoint are re-run
-            except ValueError as err:  # a damaged line before the end: the user decides what to keep
-                raise UserError(f"{err}; fix or delete that line, then resume") from None
-            record_config(run_dir, cfg, step, changes)
-        except BaseException:
-            lock.release()
-            raise
+            truncate_metrics(run_dir, step)  # a torn last line goes; steps after the checkpoint are re-run
+        except ValueError as err:  # a damaged line before the end: the user decides what to keep
+            raise UserError(f"{err}; fix or delete that line, then resume") from None
+        record_config(run_dir, cfg, step, changes)
         if changes:
             _warn(f"resuming at step {step} with changes: "
                   + ", ".join(f"{k} {v['from']!r} -> {v['to']!r}" for k, v in changes.items()))
         return ckpt
 
-    try:
+    try:  # the lock is released however the run ends, a refused start included
         yield run_dir, _on_main(ctx, open_main)
     finally:
         if lock is not None:
@@ -199,7 +194,7 @@ def _on_main(ctx, fn):
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):  # an empty mapping adds no key: {} -> {a: 1} is the change a: None -> 1
             out |= _flat(v, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = v
