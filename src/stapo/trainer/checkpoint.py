@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -142,16 +143,19 @@ def verify_checkpoint(ckpt: str | Path) -> list[str]:
     if expected is None:
         state = ckpt / "trainer_state" / "state.json"
         return [] if state.is_file() else ["trainer_state/state.json: missing"]
-    problems = []
+    problems, to_hash = [], []
     for name, want in sorted(expected.items()):
         path = ckpt / name
         if not path.is_file():
             problems.append(f"{name}: missing")
         elif path.stat().st_size != want["size"]:
             problems.append(f"{name}: {path.stat().st_size} bytes, expected {want['size']}")
-        elif _sha256(path) != want["sha256"]:
-            problems.append(f"{name}: checksum mismatch")
-    return problems
+        else:
+            to_hash.append(name)
+    with ThreadPoolExecutor(max_workers=min(8, len(to_hash) or 1)) as pool:
+        digests = list(pool.map(_sha256, [ckpt / name for name in to_hash]))
+    problems += [f"{name}: checksum mismatch" for name, d in zip(to_hash, digests) if d != expected[name]["sha256"]]
+    return sorted(problems)
 
 
 def resume_checkpoint(run_dir: str | Path, warn=print) -> Path:
@@ -318,11 +322,10 @@ def _sha256(path: Path) -> str:
 
 
 def _file_digests(root: Path) -> dict[str, dict]:
-    return {
-        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:  # hashlib releases the GIL
+        digests = list(pool.map(_sha256, files))
+    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
 
 
 def _write_json(path: Path, data) -> None:
