@@ -166,7 +166,7 @@ def test_config_validation_errors(tmp_path):
 def test_cli_reports_config_errors():
     proc = subprocess.run([sys.executable, "-m", "stapo", "train", "rollout.n=x"], capture_output=True, text=True,
                           check=False)
-    assert proc.returncode != 0 and "rollout.n" in proc.stderr
+    assert proc.returncode == 2 and "rollout.n" in proc.stderr and "Traceback" not in proc.stderr
     help_text = subprocess.run([sys.executable, "-m", "stapo", "train", "--help"], capture_output=True, text=True,
                                check=True)
     assert "--resume" in help_text.stdout and "objective.name" in help_text.stdout
