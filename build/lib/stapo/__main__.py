@@ -1,0 +1,3 @@
+from stapo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""The training config schema. Defaults are the paper's (STAPO Sec. 5.1, scaled where noted).
+
+Paper set-up: G = 8 samples, P = 256 prompts a step, mini-batch M = 64 prompts,
+lr 1e-6 after 10 warm-up steps, grad clip 1.0, temperature 1.0, top-p 1.0,
+clip 0.2 / 0.28, token-mean, no KL, no entropy bonus; τ_p = 0.002, q = 0.75.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Literal
+
+from .schema import apply_overrides, from_dict, load_yaml, merge
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    r: int = 0  # 0 = full fine-tuning
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name_or_path: str = "demo"  # hub id or local path; "demo" builds the built-in tiny model
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    bf16_autocast: Literal["auto", "on", "off"] = "auto"  # "auto": on where the device supports bf16 (CUDA)
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: str = "demo"  # "demo", a preset (math_train, aime_1983_2023), or a .json/.jsonl/.parquet path
+    data_dir: str | None = None  # else $STAPO_DATA_DIR
+    problem_field: str | None = None  # for JSON inputs whose fields are not the defaults
+    answer_field: str | None = None
+    template: str = "boxed"  # "boxed" (paper), "dapo" ("Answer:" line), "none", or a string with {question}
+    use_chat_template: Literal["auto", "on", "off"] = "auto"
+    shuffle: bool = True
+    heldout: str | None = "demo"  # held-out problems for in-loop eval: "demo", a path/preset, or null
+    heldout_size: int = 256
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    backend: Literal["hf", "vllm"] = "hf"
+    prompts_per_step: int = 256  # P
+    n: int = 8  # G samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    min_new_tokens: int = 0  # EOS suppressed before this many tokens (min = max fixes lengths, for benchmarks)
+    generation_batch_size: int = 64  # sequences per generate() call (HF)
+    mask_truncated: bool = False  # drop length-truncated responses from the loss
+    dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards and refill (off, as the paper)
+    max_refill_rounds: int = 4
+    vllm: dict[str, Any] = dataclasses.field(default_factory=dict)  # engine kwargs (gpu_memory_utilization, ...)
+    tis_cap: float | None = None  # truncated importance sampling cap C on π_train/π_rollout (vLLM); null = off
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    name: str = "math"  # "math", "dapo", or a user function "module:function"
+    strict: bool = False  # math: require a \boxed{} answer
+    timeout: float = 2.0  # hard wall-clock limit per item, seconds
+    num_workers: int = 2
+    format_weight: float = 0.0
+    overlong_buffer: int | None = None  # DAPO soft overlong penalty: L_cache tokens before max_new_tokens
+
+
+@dataclasses.dataclass
+class ObjectiveConfig:
+    name: str = "stapo"  # a key of stapo.OBJECTIVES
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    # overrides of the objective's config dataclass, e.g. {prob_threshold: 0.01}; kl_coef > 0
+    # loads a frozen reference copy of the initial policy for the KL term
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    mini_batch_prompts: int = 64  # M: prompts per optimizer step
+    micro_batch_size: int = 16  # sequences per forward/backward (gradient accumulation)
+    ppo_epochs: int = 1
+    max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
+
+
+@dataclasses.dataclass
+class DiagnosticsConfig:
+    enabled: bool = True
+    prob_threshold: float = 0.002  # quadrant cut on p (defaults to S2T's τ_p)
+    entropy_quantile: float = 0.75  # quadrant cut on H (defaults to S2T's q)
+    dump_every: int = 0  # write a rollout parquet every k steps; 0 = never
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    # none: one process. ddp / fsdp2: under torchrun; world size and backend come from the environment
+    strategy: Literal["none", "ddp", "fsdp2"] = "none"
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    # teacher context of the self-distillation objectives (dasd, opsd, dasd_reverse; see docs/dasd.md):
+    # a name in stapo.distill.HINT_TEMPLATES ("reference", "demo") or a string with {question} and {hint}
+    hint_template: str = "reference"
+    answer_template: str = "The final answer is {answer}."  # the hint when a record has no meta["solution"]
+
+
+@dataclasses.dataclass
+class ReuseConfig:
+    # rollout reuse with Dynamic Gradient Gating (DGG, arXiv 2605.19425; docs/dgg.md). none: each rollout
+    # batch is used once (the plain trainer); fixed: K passes; dgg: up to K passes, each optimizer step
+    # vetoed when the z-score of the lm_head gradient's squared norm exceeds z_threshold (pass >= 2).
+    # A pass is optim.ppo_epochs sweeps over the mini-batches, so a batch sees up to K·ppo_epochs sweeps.
+    gate: Literal["none", "fixed", "dgg"] = "none"
+    max_reuse: int = 4  # K
+    window: int = 8  # W: accepted optimizer steps in the sliding window (persists across batches)
+    z_threshold: float = 0.5  # τ
+    statistic: Literal["norm", "increment"] = "norm"  # window of g, or of its step-to-step increment Δg
+    eps: float = 1e-8  # z = (x − mean) / (std + eps), std with n − 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 200
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None  # default: "<objective>-s<seed>-<time>"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # torch CPU threads; 0 = all free cores
+    log_every: int = 1
+    save_every: int = 50
+    keep_last: int = 2
+    eval_every: int = 0  # 0 = only before and after training
+    eval_samples: int = 1  # samples per held-out problem at the rollout temperature
+    tensorboard: bool = False
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    reuse: ReuseConfig = dataclasses.field(default_factory=ReuseConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+
+
+# The built-in demo: the paper's recipe scaled to a 0.5M-parameter model on 2 CPU cores
+# (lr raised from 1e-6 and batch shrunk; see README "Demo").
+DEMO: dict[str, Any] = {
+    "steps": 400,
+    "save_every": 50,
+    "eval_every": 50,
+    "eval_samples": 4,
+    "model": {"name_or_path": "demo"},
+    "data": {"train": "demo", "heldout": "demo", "template": "none", "heldout_size": 256},
+    "rollout": {"prompts_per_step": 16, "n": 8, "max_new_tokens": 40, "generation_batch_size": 128},
+    "optim": {"lr": 5e-5, "warmup_steps": 0, "mini_batch_prompts": 4, "micro_batch_size": 64},  # M = P/4, as 256/64
+    "objective": {"options": {}},
+    "diagnostics": {"dump_every": 50},
+    "distill": {"hint_template": "demo"},  # only read by the self-distillation objectives
+}
+
+# Presets: objective name -> the paper's hyperparameters for that baseline.
+PRESETS: dict[str, dict[str, Any]] = {
+    "stapo": {"objective": {"name": "stapo", "advantage": "grpo"}},
+    "justrl": {"objective": {"name": "justrl", "advantage": "grpo"}},
+    "grpo": {"objective": {"name": "grpo", "advantage": "grpo"}},
+    "dapo": {"objective": {"name": "dapo", "advantage": "grpo"}},
+    "dr_grpo": {"objective": {"name": "dr_grpo", "advantage": "dr_grpo"}},
+    "entropy20": {"objective": {"name": "entropy20", "advantage": "grpo"}},
+}
+
+
+def build_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Config from the demo defaults (no path) or a YAML file, then ``a.b=v`` overrides.
+
+    A ``preset: NAME`` key (in the file or as an override) applies that preset first.
+    """
+    data: dict[str, Any] = copy.deepcopy(DEMO) if path is None else load_yaml(path)
+    data = apply_overrides(data, list(overrides or []))
+    preset = data.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            from .schema import ConfigError
+
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        data = merge(PRESETS[preset], data)
+    cfg = from_dict(TrainConfig, data)
+    _validate(cfg)
+    return cfg
+
+
+def _world() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _validate(cfg: TrainConfig) -> None:
+    from ..objectives import OBJECTIVES, get_objective
+    from .schema import ConfigError
+
+    if cfg.objective.name not in OBJECTIVES:
+        raise ConfigError(
+            f"config key 'objective.name' must be one of {', '.join(OBJECTIVES)}; got {cfg.objective.name!r}"
+        )
+    try:
+        get_objective(cfg.objective.name).config(**cfg.objective.options)
+    except TypeError as err:
+        raise ConfigError(f"config key 'objective.options': {err}") from None
+    r, o = cfg.rollout, cfg.optim
+    checks = [
+        (r.n >= 1, "rollout.n must be >= 1"),
+        (r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1"),
+        (r.prompts_per_step % o.mini_batch_prompts == 0,
+         (f"rollout.prompts_per_step ({r.prompts_per_step}) must be a multiple of "
+          f"optim.mini_batch_prompts ({o.mini_batch_prompts})")),
+        (o.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
+        (r.temperature > 0, "rollout.temperature must be > 0 for RL (the loss uses logits / T)"),
+        (0 <= r.min_new_tokens <= r.max_new_tokens, "rollout.min_new_tokens must be in [0, rollout.max_new_tokens]"),
+        (0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+        (cfg.keep_last >= 1, "keep_last must be >= 1"),
+        (not (r.backend == "vllm" and cfg.parallel.strategy == "fsdp2"),
+         "rollout.backend=vllm with parallel.strategy=fsdp2 is not supported (weights are sharded); use ddp"),
+        (not (r.backend == "vllm" and cfg.model.lora.r > 0),
+         "rollout.backend=vllm with model.lora.r > 0 is not supported yet: merge-and-push of adapters is missing"),
+        (r.tis_cap is None or r.tis_cap > 0, "rollout.tis_cap must be > 0 (or null to disable TIS)"),
+        (cfg.parallel.strategy == "none" or (r.prompts_per_step % _world() == 0
+                                              and o.mini_batch_prompts % _world() == 0),
+         "rollout.prompts_per_step and optim.mini_batch_prompts must be multiples of the world size"),
+        (cfg.reuse.max_reuse >= 1, "reuse.max_reuse must be >= 1"),
+        (cfg.reuse.window >= 2, "reuse.window must be >= 2 (the z-score needs a standard deviation)"),
+        (cfg.reuse.eps > 0, "reuse.eps must be > 0"),
+        (cfg.reuse.gate != "dgg" or cfg.model.lora.r == 0,
+         "reuse.gate=dgg gates on the lm_head gradient, but LoRA (model.lora.r > 0) freezes the lm_head"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    if get_objective(cfg.objective.name).needs_teacher:  # self-distillation: the teacher context must render
+        from ..distill import check_templates
+
+        try:
+            check_templates(cfg.distill.hint_template, cfg.distill.answer_template)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None

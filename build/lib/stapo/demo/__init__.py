@@ -1,0 +1,24 @@
+"""The built-in demo: a synthetic arithmetic task with exact answers and a tiny warm-started policy.
+
+- ``task``: problems (``make_problems``) and the exact-match reward (``exact_reward``).
+- ``sft``: prompt/response encoding (``encode_prompt`` is what the RL trainer feeds the policy) and the SFT pass.
+- ``assets``: ``build_base_model(cache_dir)``, a cached, loadable base model directory.
+- ``evaluate``: accuracy through any rollout ``Generator``.
+"""
+
+from .assets import BaseModelSettings, base_model_dir, build_base_model
+from .evaluate import DemoEval, evaluate
+from .sft import encode_example, encode_prompt
+from .task import exact_reward, make_problems
+
+__all__ = [
+    "BaseModelSettings",
+    "DemoEval",
+    "base_model_dir",
+    "build_base_model",
+    "encode_example",
+    "encode_prompt",
+    "evaluate",
+    "exact_reward",
+    "make_problems",
+]

@@ -1,0 +1,122 @@
+"""Supervised warm start for the demo: next-token loss on reference solutions only.
+
+Shapes: B = examples in a batch, L = longest prompt+response in the batch.
+
+Each example is the chat-templated prompt (exactly what the RL trainer feeds the
+policy, see ``encode_prompt``) followed by the reference solution and EOS. The loss
+is the token-mean cross-entropy over response tokens (prompt and padding labels are
+-100), so the model learns to answer, not to reproduce questions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..data.problem import Problem
+
+IGNORE = -100  # label value HF's causal-LM loss skips
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of the chat-templated user turn, ending in the generation prompt ("Answer: ")."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_example(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, response_ids)``; the response is the reference solution + EOS."""
+    solution = problem.meta.get("solution") if isinstance(problem.meta, dict) else None
+    if not solution:
+        raise ValueError(f"problem {problem.id!r}: meta['solution'] must hold the reference solution text")
+    response = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return encode_prompt(tokenizer, problem.prompt), response
+
+
+def collate_sft(
+    examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` [B, L]; labels are -100 off the response."""
+    width = max(len(p) + len(r) for p, r in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)  # [B, L]
+    mask = torch.zeros((len(examples), width), dtype=torch.long)  # [B, L]
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)  # [B, L]
+    for i, (p, r) in enumerate(examples):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
+        mask[i, :n] = 1
+        labels[i, len(p) : n] = torch.tensor(r, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token-mean cross-entropy of the response tokens (HF shifts labels internally)."""
+    # Positions from the mask, as `generate` computes them for left-padded prompts
+    # (transformers GenerationMixin._prepare_position_ids_for_generation).
+    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=pos,
+        labels=batch["labels"],
+    ).loss
+
+
+def lr_at(step: int, steps: int, lr: float, warmup_steps: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_ratio * lr`` at ``steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    frac = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def train_sft(
+    model,
+    examples: Sequence[tuple[list[int], list[int]]],
+    *,
+    pad_token_id: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup_steps: int = 10,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    log: Callable[[str], None] | None = None,
+    log_every: int = 100,
+    stop: Callable[[int], bool] | None = None,
+    stop_every: int = 100,
+) -> list[float]:
+    """AdamW on ``examples`` taken in order, ``batch_size`` per step (cycling if too few).
+
+    ``stop(steps_done)`` is called every ``stop_every`` steps; when it returns True the
+    pass ends early (the schedule is still the one planned for ``steps``). Returns the
+    per-step losses, so ``len(result)`` is the number of steps taken.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps/batch_size: must be >= 1, got steps={steps}, batch_size={batch_size}")
+    if not examples:
+        raise ValueError("examples: empty SFT set")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    model.train()
+    losses: list[float] = []
+    for step in range(steps):
+        start = step * batch_size
+        chunk = [examples[(start + j) % len(examples)] for j in range(batch_size)]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup_steps)
+        loss = sft_loss(model, collate_sft(chunk, pad_token_id))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        if log and (step % log_every == 0 or step == steps - 1):
+            log(f"sft step {step + 1}/{steps}  loss {losses[-1]:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
+        if stop is not None and (step + 1) % stop_every == 0 and step + 1 < steps and stop(step + 1):
+            break
+    model.eval()
+    return losses

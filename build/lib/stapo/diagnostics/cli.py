@@ -1,0 +1,79 @@
+"""``stapo analyze RUN_DIR``: the token-diagnostics report of a run (any objective).
+
+    stapo analyze runs/demo                     # -> runs/demo/analysis/report.md + PNGs
+    stapo analyze runs/demo --theory-check      # also check the theory on the run's saved model
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "analyze",
+        help="token diagnostics report of a run (quadrants, gradient norms, entropy, silenced tokens)",
+        description="Write RUN_DIR/analysis/report.md with PNGs from metrics.jsonl and rollouts/*.parquet.",
+    )
+    p.add_argument("run_dir", type=Path, help="run directory (metrics.jsonl, rollouts/step_*.parquet)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/analysis)")
+    p.add_argument("--top", type=int, default=20, help="how many top silenced tokens to list")
+    p.add_argument("--max-points", type=int, default=20000, help="scatter points per dump (silenced always kept)")
+    p.add_argument("--theory-check", action="store_true",
+                   help="also check the closed forms on the saved model's own samples (see docs/diagnostics.md)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="HF model folder for --theory-check (default: the newest one saved under RUN_DIR)")
+    p.add_argument("--theory-prompts", type=int, default=8, help="prompts taken from the last dump")
+    p.add_argument("--theory-tokens", type=int, default=512, help="tokens checked at the logit level")
+    p.add_argument("--theory-model-tokens", type=int, default=64, help="tokens given a whole-model step")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+    return p
+
+
+def find_model_dir(run_dir: Path) -> Path:
+    """The most recently written folder under ``run_dir`` holding an HF ``config.json`` and weights."""
+    found = [
+        c.parent for c in run_dir.rglob("config.json")
+        if any((c.parent / w).exists() for w in ("model.safetensors", "model.safetensors.index.json",
+                                                 "pytorch_model.bin"))
+    ]
+    if not found:
+        raise FileNotFoundError(f"--theory-check: no saved model (config.json + weights) under {run_dir}; "
+                                "pass --model DIR")
+    return max(found, key=lambda d: d.stat().st_mtime)
+
+
+def _prompts_from_dumps(run_dir: Path, n: int) -> list[str]:
+    from .dumps import list_dumps, read_rollouts
+
+    dumps = list_dumps(run_dir)
+    if not dumps:
+        raise FileNotFoundError(f"--theory-check takes its prompts from the rollout dumps; {run_dir} has none")
+    prompts = read_rollouts(dumps[-1][1]).column("prompt").to_pylist()
+    unique = [p for p in dict.fromkeys(prompts) if p]
+    if not unique:
+        raise ValueError(f"{dumps[-1][1]}: the dump has no prompt text for --theory-check")
+    return unique[:n]
+
+
+def run(args) -> int:
+    from .report import write_report
+
+    theory = None
+    if args.theory_check:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .check import theory_check
+
+        model_dir = args.model or find_model_dir(args.run_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        theory = theory_check(model, tokenizer, _prompts_from_dumps(args.run_dir, args.theory_prompts),
+                              n_tokens=args.theory_tokens, n_model_tokens=args.theory_model_tokens, seed=args.seed)
+        theory["markdown"] = f"Model: `{model_dir}`.\n\n" + theory["markdown"]
+    path = write_report(args.run_dir, args.out, theory=theory, top_k=args.top, max_points=args.max_points,
+                        seed=args.seed)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,201 @@
+"""``stapo eval``: evaluate a model, a training run's checkpoints, or compare finished evals.
+
+stapo eval --model PATH_OR_ID [--benchmarks aime24,...] [--out DIR]   # one model
+stapo eval --run RUN_DIR [--every K]                                  # every checkpoint of a run
+stapo eval --compare DIR_A DIR_B ...                                  # side-by-side Table 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+from .settings import DECODING_PRESETS, PAPER_BENCHMARKS
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate on the math benchmarks (avg@N, pass@k, maj@k)",
+        description="Sample N responses per problem, verify them with the math reward, and report avg@N "
+        "(the paper's metric), pass@k, maj@k and the standard error per benchmark and their macro average.",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="hub id or save_pretrained directory to evaluate")
+    what.add_argument("--run", help="training run directory: evaluate its checkpoints/step_*/policy")
+    what.add_argument("--compare", nargs="+", metavar="DIR", help="eval output dirs or run dirs to tabulate")
+    p.add_argument(
+        "--benchmarks",
+        default=",".join(PAPER_BENCHMARKS),
+        help="comma-separated benchmark names (default: all six)",
+    )
+    p.add_argument(
+        "--samples",
+        default="",
+        help="N overrides, e.g. aime24=16,math500=8 "
+        "(defaults: 32 for aime24/aime25/amc23, 4 for math500/minerva/olympiadbench)",
+    )
+    p.add_argument(
+        "--decoding",
+        default="justrl",
+        choices=list(DECODING_PRESETS),
+        help="justrl (default) = temperature 0.7 / top-p 0.9; train = 1.0 / 1.0",
+    )
+    p.add_argument("--temperature", type=float, default=None, help="override the preset's temperature")
+    p.add_argument("--top-p", type=float, default=None, help="override the preset's top-p")
+    p.add_argument("--max-new-tokens", type=int, default=8192, help="response length cap (default: 8192)")
+    p.add_argument(
+        "--template",
+        default="boxed",
+        help="prompt template: boxed (default), dapo, none, or a string with {question}",
+    )
+    p.add_argument(
+        "--chat-template",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="apply the tokenizer's chat template (default: auto = when it has one)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="first K problems of each benchmark (quick checks)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="(problem x sample) rows per generate call (default: 64)"
+    )
+    p.add_argument(
+        "--backend",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="generation backend (default: hf); vllm needs `pip install 'stapo[vllm]'`",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="weights dtype (default: auto = bf16 on a GPU that has it, else fp32)",
+    )
+    p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    p.add_argument("--reward-workers", type=int, default=2, help="verifier processes (default: 2)")
+    p.add_argument("--strict", action="store_true", help="only a \\boxed{} answer counts")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory whose benchmarks/ replaces the bundled sets (default: $STAPO_DATA_DIR, else bundled)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: eval_runs/<model name>; with --run: RUN/eval/step_*)",
+    )
+    p.add_argument("--every", type=int, default=None, help="with --run: only steps divisible by K")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def settings_from_args(args):
+    from .settings import EvalSettings, parse_samples
+
+    return EvalSettings(
+        benchmarks=tuple(b.strip() for b in args.benchmarks.split(",") if b.strip()),
+        samples=parse_samples(args.samples),
+        decoding=args.decoding,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        template=args.template,
+        chat_template=args.chat_template,
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        reward_workers=args.reward_workers,
+        strict=args.strict,
+    )
+
+
+def load_problems(benchmarks, data_dir: str | None, limit: int | None = None) -> dict[str, list]:
+    """{benchmark: problems} via ``stapo.data.load_benchmark``; unknown names fail with the known ones."""
+    from ..data import BENCHMARKS, load_benchmark
+
+    unknown = [b for b in benchmarks if b not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"--benchmarks: unknown {unknown}; choose from {sorted(BENCHMARKS)}")
+    return {b: load_benchmark(b, data_dir=data_dir)[:limit] for b in benchmarks}
+
+
+def write_report(results: dict, out_dir: str | Path, label: str) -> str:
+    """Bar charts and results.md beside results.json; returns the Markdown printed to the terminal."""
+    from .plots import plot_benchmarks
+    from .report import detail_table, table1
+
+    plot_benchmarks(results, out_dir)
+    text = table1([(label, results)]) + "\n\n" + detail_table(results)
+    (Path(out_dir) / "results.md").write_text(text + "\n")
+    return text
+
+
+def _label(model: str) -> str:
+    return Path(model.rstrip("/")).name or model
+
+
+def _default_out(model: str) -> Path:
+    return Path("eval_runs") / re.sub(r"[^A-Za-z0-9._-]+", "_", model.strip("/"))
+
+
+def run(args) -> int:
+    """Bad input (unknown benchmark, missing file, settings that clash with stored samples) is
+    reported in one line on stderr with exit code 2, not a traceback."""
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"stapo eval: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from .report import load_results, table1
+
+    if args.compare:
+        print(table1([load_results(d) for d in args.compare]))
+        return 0
+    settings = settings_from_args(args)
+    if settings.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        from ..rollout.vllm import INSTALL_HINT
+
+        print(f"stapo eval: --backend vllm: {INSTALL_HINT}", file=sys.stderr)  # before loading anything
+        return 2
+    problems = load_problems(settings.benchmarks, args.data_dir, settings.limit)
+    progress = not args.no_progress
+    if args.run:
+        from .checkpoints import evaluate_checkpoints, summarize_steps
+
+        evaluate_checkpoints(
+            args.run,
+            settings,
+            problems,
+            every=args.every,
+            dtype=args.dtype,
+            device=args.device,
+            progress=progress,
+        )
+        print(summarize_steps(Path(args.run) / "eval"))
+        print(f"\nper-step results under {Path(args.run) / 'eval'}; plot: accuracy_vs_step.png")
+        return 0
+
+    from .harness import evaluate
+    from .loading import load_for_eval
+
+    out = Path(args.out) if args.out else _default_out(args.model)
+    model, tok, generator = load_for_eval(
+        args.model, settings.backend, args.dtype, args.device, settings.batch_size
+    )
+    results = evaluate(
+        model, tok, problems, settings, out, generator=generator, model_name=args.model, progress=progress
+    )
+    print(write_report(results, out, _label(args.model)))
+    print(f"outputs in {out}: results.json, results.md, samples.jsonl, plot_<benchmark>.png")
+    return 0

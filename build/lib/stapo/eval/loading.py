@@ -1,0 +1,73 @@
+"""Load a model and tokenizer for evaluation from a hub id or a local save_pretrained directory."""
+
+from __future__ import annotations
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """``auto`` is bf16 on a GPU that supports it (the paper's training precision), else fp32."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: choose from {DTYPES}, got {dtype!r}")
+    if dtype == "auto":
+        cuda_bf16 = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model: cannot load a tokenizer from {path!r}: {err}") from err
+    if tok.pad_token_id is None:  # batched generation pads; EOS is the usual stand-in (Llama, Qwen base)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_and_tokenizer(path: str, dtype: str = "auto", device: str = "auto"):
+    """(model in eval mode on ``device``, tokenizer with a pad token) for ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    tok = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model: cannot load a causal LM from {path!r}: {err}") from err
+    return model.to(device).eval(), tok
+
+
+def load_for_eval(
+    path: str, backend: str = "hf", dtype: str = "auto", device: str = "auto", batch_size: int = 64
+):
+    """(model, tokenizer, generator) for ``stapo eval``.
+
+    ``hf``: the transformers model on ``device`` and an ``HFGenerator``. ``vllm``: no transformers
+    model at all (model is None); the engine loads the checkpoint itself from ``path``, in the
+    checkpoint's dtype unless ``dtype`` says otherwise.
+    """
+    from ..rollout import make_generator
+
+    if backend == "vllm":
+        tok = load_tokenizer(path)
+        vllm_dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+        # eval has the GPU to itself (no trainer beside the engine), so give vLLM most of it
+        gen = make_generator(
+            "vllm", None, tok, model_path=path, dtype=vllm_dtype, gpu_memory_utilization=0.85
+        )
+        return None, tok, gen
+    model, tok = load_model_and_tokenizer(path, dtype=dtype, device=device)
+    return model, tok, make_generator(backend, model, tok, batch_size=batch_size)

@@ -1,0 +1,65 @@
+"""Policy objectives: pure functions of tensors, chosen by name (``stapo.policy_loss``)."""
+
+from . import dasd as _dasd  # noqa: F401  (registers dasd, opsd, dasd_reverse)
+from . import losses as _losses  # noqa: F401  (registers the built-in objectives)
+from .aggregate import AGG_MODES, agg_loss, count_units
+from .dasd import DASDConfig, SelfDistillConfig, router_weight
+from .losses import (
+    ClipConfig,
+    DAPOConfig,
+    DrGRPOConfig,
+    Entropy20Config,
+    GRPOConfig,
+    JustRLConfig,
+    STAPOConfig,
+    clipped_surrogate,
+)
+from .masks import (
+    high_entropy_mask,
+    high_entropy_threshold,
+    quantile,
+    s2t_candidates,
+    s2t_mask,
+    s2t_threshold,
+)
+from .registry import (
+    OBJECTIVES,
+    Objective,
+    TokenStats,
+    get_objective,
+    loss_token_mask,
+    minibatch_overrides,
+    policy_loss,
+    register_objective,
+)
+
+__all__ = [
+    "AGG_MODES",
+    "OBJECTIVES",
+    "ClipConfig",
+    "DAPOConfig",
+    "DASDConfig",
+    "DrGRPOConfig",
+    "Entropy20Config",
+    "GRPOConfig",
+    "JustRLConfig",
+    "Objective",
+    "STAPOConfig",
+    "SelfDistillConfig",
+    "TokenStats",
+    "agg_loss",
+    "clipped_surrogate",
+    "count_units",
+    "get_objective",
+    "high_entropy_mask",
+    "high_entropy_threshold",
+    "loss_token_mask",
+    "minibatch_overrides",
+    "policy_loss",
+    "quantile",
+    "register_objective",
+    "router_weight",
+    "s2t_candidates",
+    "s2t_mask",
+    "s2t_threshold",
+]

@@ -1,0 +1,1 @@
+"""The training loop (``loop.train``) and the phases it wires."""

@@ -1,0 +1,263 @@
+"""Atomic, pickle-free checkpoints: safetensors for tensors, JSON for the rest.
+
+Layout of ``RUN_DIR/checkpoints/step_000010/``:
+    policy/                     save_pretrained model (or PEFT adapter) + tokenizer, safetensors
+    dcp/                        FSDP2 only: sharded model + optimizer (torch.distributed.checkpoint)
+    trainer_state/tensors.safetensors   optimizer moments, RNG states
+    trainer_state/state.json    step, data cursor, scheduler, optimizer hyper-parameters, counters
+
+A checkpoint is written into a hidden temp directory and renamed into place, so a
+crash mid-save leaves the previous checkpoint intact and no half-written one visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from ..distributed import LOCAL, DistContext, barrier, unwrap
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_FAULT_ENV = "STAPO_CHECKPOINT_FAULT"  # test hook: "after_policy" simulates a crash mid-save
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: dict[str, Any],
+    keep_last: int = 2,
+    ctx: DistContext = LOCAL,
+) -> Path:
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep_last``.
+
+    Every rank calls this. Under FSDP2 each rank writes its shards of the model and
+    optimizer with torch.distributed.checkpoint (``dcp/``); rank 0 also exports the
+    consolidated policy for evaluation. Every rank's RNG state is kept, for exact resume.
+    """
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp-step_{step:06d}"
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "trainer_state").mkdir(parents=True)
+    barrier()
+    rng_states = _gather_rng_states()
+    if ctx.strategy == "fsdp2":
+        _save_sharded(tmp, model, optimizer)
+        weights = _full_model_state(model)
+    else:
+        weights = None
+    if ctx.is_main:
+        unwrap(model).save_pretrained(tmp / "policy", safe_serialization=True, state_dict=weights)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "policy")
+        if os.environ.get(_FAULT_ENV) == "after_policy":
+            os._exit(17)  # simulated kill in the middle of a save
+        tensors, opt_meta = ({}, None) if ctx.strategy == "fsdp2" else _optimizer_to_flat(optimizer)
+        for rank, rng in enumerate(rng_states):
+            tensors[f"rng.torch.{rank}"] = rng["torch"]
+            for i, s in enumerate(rng["cuda"]):
+                tensors[f"rng.cuda.{rank}.{i}"] = s
+        save_file(tensors, str(tmp / "trainer_state" / "tensors.safetensors"))
+        meta = {
+            "step": step,
+            "world_size": ctx.world_size,
+            "strategy": ctx.strategy,
+            "state": state,
+            "optimizer": opt_meta,
+            "scheduler": _scheduler_state(scheduler),
+            "rng": [{"python": _jsonable(r["python"]), "numpy": _jsonable(r["numpy"])} for r in rng_states],
+        }
+        _write_json(tmp / "trainer_state" / "state.json", meta)
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step: move the old one aside first
+            old = root / f".old-step_{step:06d}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        for stale in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, scheduler, model=None,
+                       ctx: DistContext = LOCAL) -> dict[str, Any]:
+    """Restore optimizer, scheduler and this rank's RNG states; return the saved ``state`` (with ``step``).
+
+    The model's weights come from ``policy/`` (``setup.load_policy``), or under FSDP2 from
+    the sharded ``dcp/`` (pass ``model``). A different world size resumes, but not bit-exactly:
+    ranks beyond the saved ones start from rank 0's RNG state.
+    """
+    ckpt = Path(ckpt)
+    meta_path = ckpt / "trainer_state" / "state.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} is incomplete: missing {meta_path.name}")
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(ckpt / "trainer_state" / "tensors.safetensors"))
+    if meta.get("strategy") == "fsdp2" or ctx.strategy == "fsdp2":
+        if meta.get("strategy") != ctx.strategy:
+            raise ValueError(f"checkpoint {ckpt} was written with parallel.strategy={meta.get('strategy')}; "
+                             f"resume with the same strategy (got {ctx.strategy})")
+        _load_sharded(ckpt, model, optimizer)
+    else:
+        optimizer.load_state_dict(_optimizer_from_flat(tensors, meta["optimizer"]))
+    if scheduler is not None and meta.get("scheduler"):
+        # lr_lambdas are functions rebuilt from the config; None entries keep the current ones
+        scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    rank = ctx.rank if ctx.rank < len(meta["rng"]) else 0
+    torch.set_rng_state(tensors[f"rng.torch.{rank}"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith(f"rng.cuda.{rank}.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    random.setstate(_tuplify(meta["rng"][rank]["python"]))
+    np_state = meta["rng"][rank]["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    return {"step": meta["step"], **meta["state"]}
+
+
+def _gather_rng_states() -> list[dict]:
+    local = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [local]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, local)
+    return out
+
+
+def _save_sharded(tmp: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+
+
+def _load_sharded(ckpt: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _full_model_state(model) -> dict[str, torch.Tensor] | None:
+    """The consolidated weights on rank 0 (None elsewhere), for the exported ``policy/``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if dist.get_rank() == 0 else None
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _optimizer_to_flat(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, pstate in sd["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": _jsonable(sd["param_groups"]), "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _scheduler_state(scheduler) -> dict | None:
+    if scheduler is None:
+        return None
+    sd = scheduler.state_dict()
+    sd.pop("lr_lambdas", None)  # functions are rebuilt from the config, never serialised
+    return _jsonable(sd)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+def _tuplify(obj):
+    return tuple(_tuplify(v) for v in obj) if isinstance(obj, list) else obj
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1, allow_nan=True))
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

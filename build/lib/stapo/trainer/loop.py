@@ -1,0 +1,263 @@
+"""`stapo train`: the RLVR loop, in the order of the STAPO paper's Algorithm 1.
+
+Every phase is a named function from ``stapo.trainer.phases``; this file only wires them.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..distill import compute_teacher_logprobs
+from ..distributed import (
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+    reduce_metrics,
+    shutdown,
+    unwrap,
+    wrap_model,
+)
+from ..objectives import get_objective
+from ..reuse import make_gate
+from ..rewards import RewardPool
+from ..rollout import make_generator
+from . import setup
+from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from .diagnose import StepDiagnostics
+from .heldout import heldout_accuracy
+from .logger import RunLogger, truncate_metrics
+from .phases import (
+    SUM_METRICS,
+    ProblemSampler,
+    attach_advantages,
+    compute_old_logprobs,
+    generate_rollouts,
+    old_stats_from_update,
+    rollout_engine_mismatch,
+    score_rollouts,
+    split_constant_groups,
+    update_policy,
+)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps in a row); the last checkpoint is kept."""
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = False) -> Path:
+    """Run (or resume) training; returns the run directory. Under torchrun every rank calls this."""
+    device = setup.resolve_device(cfg.device)
+    ctx = init_distributed(cfg.parallel.strategy, device.type)
+    device = setup.rank_device(device, ctx)
+    try:
+        return _train(cfg, ctx, device, resume, quiet or not ctx.is_main)
+    finally:
+        shutdown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
+    run_dir = Path(resume) if resume else broadcast_object(setup.make_run_dir(cfg) if ctx.is_main else None)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir}/checkpoints")
+    setup.seed_everything(cfg.seed + ctx.rank)  # each rank samples its own rollouts
+    if device.type == "cpu":
+        setup.set_cpu_threads(cfg.threads)
+
+    # --- set-up: policy, reference, optimizer, data, generation and reward workers ---
+    model, tokenizer = setup.load_policy(cfg, device, ckpt)
+    model.train()
+    kl_coef = get_objective(cfg.objective.name).config(**cfg.objective.options).kl_coef
+    ref_model = setup.frozen_copy(model) if kl_coef > 0 else None  # only when β > 0
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    model = wrap_model(model, ctx, device)  # DDP / FSDP2, or the model itself
+    optimizer, scheduler = setup.build_optimizer(model, cfg)
+    gate = make_gate(cfg.reuse, model)  # rollout reuse (DGG, docs/dgg.md); None = each batch used once
+    train_set, heldout = setup.load_problem_sets(cfg)
+    sampler = ProblemSampler(train_set, cfg.seed, cfg.data.shuffle)  # same global order on every rank
+    generator = make_generator(cfg.rollout.backend, unwrap(model), tokenizer, **_generator_kwargs(cfg, ctx))
+    sleep_between_rollouts = bool(cfg.rollout.vllm.get("enable_sleep_mode", False))
+    P, G = cfg.rollout.prompts_per_step, cfg.rollout.n
+    state = {"step": 0, "consecutive_nonfinite": 0, "rollouts": 0}
+    if ckpt is not None:
+        state = load_trainer_state(ckpt, optimizer, scheduler, model, ctx)
+        sampler.load_state_dict(state.pop("sampler"))
+        if gate is not None:
+            gate.load_state_dict(state.pop("reuse_gate", None))  # the z-score window, for exact resume
+        if ctx.is_main:
+            truncate_metrics(run_dir, state["step"])
+    heldout = setup.shard(heldout, ctx) if heldout else None
+    heldout_prompts = setup.render_prompts(heldout, tokenizer, cfg) if heldout else None
+    autocast = setup.autocast_context(cfg, device)
+    diagnostics = StepDiagnostics(cfg, vocab_size, ctx)
+
+    def evaluate() -> dict[str, float]:
+        if not heldout:
+            return {}
+        return reduce_metrics(heldout_accuracy(generator, tokenizer, pool, heldout, heldout_prompts, cfg.rollout,
+                                               samples=cfg.eval_samples, seed=cfg.seed + 1 + ctx.rank))
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
+                        {**state, "step": step, "sampler": sampler.state_dict(),
+                         **({"reuse_gate": gate.state_dict()} if gate is not None else {})}, cfg.keep_last, ctx)
+
+    with RewardPool(**_reward_kwargs(cfg)) as pool, RunLogger(
+        run_dir, cfg.steps, state["step"], cfg.tensorboard, quiet, write=ctx.is_main
+    ) as log:
+        if state["step"] == 0:
+            log.log(0, evaluate())
+        step = state["step"]
+        with _DeferredInterrupt() as interrupt:
+            while step < cfg.steps and not interrupt.requested:
+                step += 1
+                t0 = time.perf_counter()
+                # 1-2. sample P prompts (this rank's share) and generate G responses each
+                problems = setup.shard(sampler.next(P), ctx)
+                batch = generate_rollouts(generator, tokenizer, problems,
+                                          setup.render_prompts(problems, tokenizer, cfg), cfg.rollout)
+                if sleep_between_rollouts:
+                    generator.sleep()  # colocated vLLM: free its GPU memory for the update
+                t1 = time.perf_counter()
+                # 3. verifiable rewards, scored in the worker pool under hard time limits
+                metrics = score_rollouts(pool, batch)
+                if cfg.rollout.dynamic_sampling:  # DAPO: keep informative groups only, refill
+                    batch = _refill(batch, pool, sampler, generator, tokenizer, cfg, ctx)
+                state["rollouts"] += int(all_reduce_sum(len(batch)))
+                t2 = time.perf_counter()
+                # 4. group-relative advantages (a group never straddles ranks)
+                attach_advantages(batch, G, cfg.objective.advantage)
+                with autocast:
+                    # 5. log-probs of the rollout policy, at the rollout temperature (logits / T); a separate
+                    # no-grad pass only when something needs them before the update's own first forward
+                    if not old_stats_from_update(cfg, batch, gate=gate, ref_model=ref_model):
+                        compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size,
+                                             device, with_collision=diagnostics.enabled, ref_model=ref_model)
+                    metrics |= rollout_engine_mismatch(batch, cfg.rollout.tis_cap)  # vLLM vs trainer
+                    if get_objective(cfg.objective.name).needs_teacher:  # 5b. self-distillation (DASD, OPSD)
+                        compute_teacher_logprobs(model, batch, tokenizer, cfg, device)  # privileged context, no grad
+                    # 6. ppo_epochs × mini-batches of M prompts: thresholds, accumulate, clip, step
+                    metrics |= update_policy(model, optimizer, batch, cfg, device, params_fresh=True, ctx=ctx,
+                                             gate=gate, collision=diagnostics.enabled)
+                    metrics |= diagnostics.measure(batch)  # rollout policy's p, H, quadrants, what S2T silences
+                scheduler.step()
+                if sleep_between_rollouts:
+                    generator.wake_up()
+                generator.update_weights(unwrap(model))  # the next rollouts sample the new policy
+                t3 = time.perf_counter()
+                metrics |= _step_metrics(batch, optimizer, t0, t1, t2, t3, state["rollouts"])
+                metrics = reduce_metrics(metrics, SUM_METRICS)
+                _check_finite(metrics, state, cfg, log)
+                # 7. evaluate, checkpoint, log
+                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                    metrics |= evaluate()
+                if ctx.is_main and cfg.diagnostics.dump_every and step % cfg.diagnostics.dump_every == 0:
+                    diagnostics.dump(run_dir / "rollouts" / f"step_{step:06d}.parquet", batch, tokenizer, step)
+                log.log(step, metrics)
+                if step % cfg.save_every == 0 or step == cfg.steps or interrupt.requested:
+                    checkpoint(step)
+        if interrupt.requested:
+            log.message(f"interrupted: checkpoint saved at step {step}; continue with `stapo train --resume {run_dir}`")
+            return run_dir
+    if ctx.is_main:
+        from .plots import plot_run
+
+        plot_run(run_dir)
+    return run_dir
+
+
+class _DeferredInterrupt:
+    """Ctrl-C finishes the current step, saves a checkpoint and exits; a second Ctrl-C aborts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _step_metrics(batch, optimizer, t0, t1, t2, t3, rollouts) -> dict[str, float]:
+    tokens = int(batch.response_lengths.sum())
+    return {
+        "response/length_mean": float(batch.response_lengths.float().mean()),
+        "response/truncated_fraction": float(batch.truncated.float().mean()),
+        "train/lr": optimizer.param_groups[0]["lr"],
+        "train/rollouts": rollouts,
+        "time/generate": t1 - t0,
+        "time/reward": t2 - t1,
+        "time/update": t3 - t2,
+        "time/step": t3 - t0,
+        "perf/tokens_per_s": tokens / max(t3 - t0, 1e-9),
+    }
+
+
+def _check_finite(metrics: dict, state: dict, cfg: TrainConfig, log) -> None:
+    """Skipped non-finite steps warn; too many in a row stop the run (the last checkpoint stays)."""
+    if metrics["train/nonfinite_skipped"] and not metrics["train/optimizer_steps"]:
+        state["consecutive_nonfinite"] += 1
+        log.message(f"warning: non-finite loss or grad norm, optimizer step skipped "
+                    f"({state['consecutive_nonfinite']} in a row)")
+        if state["consecutive_nonfinite"] >= cfg.optim.max_nonfinite_steps:
+            raise TrainingStopped(
+                f"{state['consecutive_nonfinite']} consecutive steps had a non-finite loss or gradient norm "
+                f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}); stopping. The last checkpoint "
+                "is intact; lower optim.lr or check the data, then resume."
+            )
+    else:
+        state["consecutive_nonfinite"] = 0
+
+
+def _refill(batch, pool, sampler, generator, tokenizer, cfg, ctx):
+    """DAPO dynamic sampling: drop all-equal groups, then generate more until P groups or the round limit."""
+    from ..batch import RolloutBatch
+
+    G, P = cfg.rollout.n, cfg.rollout.prompts_per_step
+    share = P // ctx.world_size * G  # rows this rank trains on
+    kept, constant = split_constant_groups(batch, G)
+    for _ in range(cfg.rollout.max_refill_rounds):
+        # every rank takes part in every round, so collective calls stay matched
+        if all_reduce_sum(float(len(kept) < share)) == 0:
+            break
+        problems = setup.shard(sampler.next(P), ctx)
+        extra = generate_rollouts(generator, tokenizer, problems, setup.render_prompts(problems, tokenizer, cfg),
+                                  cfg.rollout)
+        score_rollouts(pool, extra)
+        kept = RolloutBatch.concat([kept, split_constant_groups(extra, G)[0]], tokenizer.pad_token_id)
+    if len(kept) < share:  # too few informative groups: top up with zero-advantage ones
+        kept = RolloutBatch.concat([kept, constant], tokenizer.pad_token_id)
+    return kept.select(slice(0, share))
+
+
+def _generator_kwargs(cfg: TrainConfig, ctx) -> dict:
+    if cfg.rollout.backend == "hf":
+        # FSDP2 shards the weights: every rank must run the same number of forward passes
+        return {"batch_size": cfg.rollout.generation_batch_size, "synced_gpus": ctx.strategy == "fsdp2"}
+    return dict(cfg.rollout.vllm)
+
+
+def _reward_kwargs(cfg: TrainConfig) -> dict:
+    r = cfg.reward
+    overlong = None
+    if r.overlong_buffer:
+        overlong = (cfg.rollout.max_new_tokens, r.overlong_buffer)
+    return {"reward": r.name, "num_workers": r.num_workers, "timeout": r.timeout, "strict": r.strict,
+            "format_weight": r.format_weight, "overlong": overlong}
+
+
+torch.backends.cudnn.benchmark = False  # reproducible CUDA kernels for exact resume

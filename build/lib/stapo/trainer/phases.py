@@ -1,0 +1,327 @@
+"""The phases of one RL step, each a named function the loop calls in the order of Algorithm 1.
+
+Shapes: P prompts a step, G samples each, B = P·G rows, T response tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from ..advantages import group_advantages
+from ..batch import RolloutBatch
+from ..distributed import LOCAL, DistContext, all_reduce_sum, gather_variable
+from ..objectives import (
+    TokenStats,
+    count_units,
+    get_objective,
+    loss_token_mask,
+    minibatch_overrides,
+    policy_loss,
+)
+from ..rollout import SamplingConfig, collate_rollouts
+
+# metrics that add up over micro-batches instead of averaging
+SUM_METRICS = {"s2t/candidates", "s2t/silenced"}
+
+
+class ProblemSampler:
+    """Deterministic shuffled passes over the training problems; its cursor is checkpointed."""
+
+    def __init__(self, problems: list, seed: int, shuffle: bool = True):
+        if not problems:
+            raise ValueError("the training set is empty")
+        self.problems, self.seed, self.shuffle = problems, seed, shuffle
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.problems)))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(len(self.problems), generator=g).tolist()
+
+    def next(self, k: int) -> list:
+        out = []
+        while len(out) < k:
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self.problems[self._order[self.index]])
+            self.index += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._permutation()
+
+
+# --- 2. generate -------------------------------------------------------------------------------
+
+def sampling_config(rollout_cfg, n: int | None = None, seed: int | None = None) -> SamplingConfig:
+    return SamplingConfig(
+        temperature=rollout_cfg.temperature,
+        top_p=rollout_cfg.top_p,
+        top_k=0,
+        max_new_tokens=rollout_cfg.max_new_tokens,
+        min_new_tokens=rollout_cfg.min_new_tokens,
+        n=rollout_cfg.n if n is None else n,
+        seed=seed,
+    )
+
+
+def generate_rollouts(generator, tokenizer, problems: list, prompts: list[str], rollout_cfg) -> RolloutBatch:
+    """G responses for each prompt string, collated into a ``RolloutBatch``."""
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    generations = generator.generate(prompt_ids, sampling_config(rollout_cfg))
+    return collate_rollouts(
+        problems, prompt_ids, generations, tokenizer.pad_token_id, mask_truncated=rollout_cfg.mask_truncated
+    )
+
+
+# --- 3. reward ---------------------------------------------------------------------------------
+
+def score_rollouts(pool, batch: RolloutBatch) -> dict[str, float]:
+    """Fill ``batch.rewards`` [B] from the reward pool; return reward metrics."""
+    golds = [p.answer for p in batch.problems]
+    scores = pool.score_batch(batch.response_texts, golds, lengths=batch.response_lengths.tolist())
+    batch.rewards = torch.tensor(scores, dtype=torch.float32)
+    metrics = {"reward/mean": float(batch.rewards.mean())}
+    metrics.update(pool.pop_metrics())
+    return metrics
+
+
+def split_constant_groups(batch: RolloutBatch, group_size: int) -> tuple[RolloutBatch, RolloutBatch]:
+    """(groups with mixed rewards, groups whose rewards are all equal): DAPO dynamic sampling."""
+    r = batch.rewards.view(-1, group_size)
+    mixed = (r != r[:, :1]).any(dim=1)
+    rows = torch.arange(len(batch)).view(-1, group_size)
+    return batch.select(rows[mixed].view(-1)), batch.select(rows[~mixed].view(-1))
+
+
+# --- 4. advantages -----------------------------------------------------------------------------
+
+def attach_advantages(batch: RolloutBatch, group_size: int, method: str) -> None:
+    batch.advantages = group_advantages(batch.rewards, group_size, method)  # [B]
+
+
+# --- 5. per-token statistics of a policy -------------------------------------------------------
+
+def policy_stats(model, batch: RolloutBatch, temperature: float, *, with_entropy: bool = True,
+                 with_collision: bool = False, fast: bool = True):
+    """Log-prob [B, T] (with grad if enabled) and detached entropy/collision [B, T] of the responses."""
+    from ..ops import model_token_stats
+
+    return model_token_stats(
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.prompt_ids.shape[1],
+        temperature=temperature,
+        with_entropy=with_entropy,
+        with_collision=with_collision,
+        fast=fast,
+    )
+
+
+@torch.no_grad()
+def compute_old_logprobs(model, batch: RolloutBatch, temperature: float, micro_batch_size: int,
+                         device, with_collision: bool = True, ref_model=None) -> None:
+    """Fill ``old_logprobs`` (and the rollout policy's entropy/collision) at the rollout temperature."""
+    lps, ents, cols, refs = [], [], [], []
+    for micro in batch.split(micro_batch_size):
+        micro = micro.to(device)
+        out = policy_stats(model, micro, temperature, with_collision=with_collision)
+        lps.append(out.logprobs.float().cpu())
+        ents.append(out.entropy.float().cpu())
+        if with_collision:
+            cols.append(out.collision.float().cpu())
+        if ref_model is not None:
+            refs.append(policy_stats(ref_model, micro, temperature, with_entropy=False).logprobs.float().cpu())
+    batch.old_logprobs = torch.cat(lps)
+    batch.old_entropy = torch.cat(ents)
+    batch.old_collision = torch.cat(cols) if cols else None
+    batch.ref_logprobs = torch.cat(refs) if refs else None
+
+
+def rollout_engine_mismatch(batch: RolloutBatch, tis_cap: float | None) -> dict[str, float]:
+    """|log π_engine − log π_train| when the engine reports log-probs (vLLM); optional TIS.
+
+    Truncated importance sampling (as verl): each token's advantage is scaled by
+    min(π_train / π_engine, C), which scales its clipped loss by the same positive factor.
+    """
+    if batch.rollout_logprobs is None:
+        return {}
+    from ..rollout.vllm import rollout_mismatch, tis_weights
+
+    metrics = {k: float(v) for k, v in rollout_mismatch(batch.old_logprobs, batch.rollout_logprobs,
+                                                        batch.response_mask).items()}
+    if tis_cap is not None:
+        w = tis_weights(batch.old_logprobs, batch.rollout_logprobs, tis_cap, batch.response_mask)  # [B, T]
+        adv = batch.advantages if batch.advantages.dim() == 2 else batch.advantages.unsqueeze(-1)
+        batch.advantages = adv * w
+        metrics["rollout/tis_weight_mean"] = float(w[batch.response_mask].mean()) if batch.response_mask.any() else 1.0
+    return metrics
+
+
+def old_stats_from_update(cfg, batch: RolloutBatch, *, gate=None, ref_model=None) -> bool:
+    """True when ``update_policy``'s first forward can supply ``old_logprobs`` (and the rollout
+    policy's entropy / collision) itself, so ``compute_old_logprobs`` would be a redundant forward.
+
+    That holds when the step is one mini-batch (M = P: every row is first scored by the rollout
+    policy itself, so ρ = 1 exactly, as TRL's GRPOTrainer with num_iterations = 1 skips its old
+    log-prob pass), nothing is needed before the loss (no mini-batch-wide statistic or
+    statistics-dependent loss mask, no engine log-probs to correct against: vLLM TIS), no
+    reference or teacher pass shares the no-grad sweep, and no reuse gate (benchmark 3, issue 11).
+    """
+    obj = get_objective(cfg.objective.name)
+    return (cfg.optim.mini_batch_prompts == cfg.rollout.prompts_per_step
+            and obj.loss_mask is None and obj.minibatch_overrides is None and not obj.needs_teacher
+            and batch.rollout_logprobs is None and gate is None and ref_model is None)
+
+
+# --- 6. update ---------------------------------------------------------------------------------
+
+class MetricMean:
+    """Weighted means (and plain sums for counts) of metric dicts over micro-batches."""
+
+    def __init__(self):
+        self.total, self.weight = defaultdict(float), defaultdict(float)
+
+    def add(self, metrics: dict, weight: float = 1.0) -> None:
+        for k, v in metrics.items():
+            v = float(v)
+            if math.isnan(v):
+                continue
+            if k in SUM_METRICS:
+                self.total[k] += v
+                self.weight[k] = 1.0
+            else:
+                self.total[k] += v * weight
+                self.weight[k] += weight
+
+    def result(self) -> dict[str, float]:
+        return {k: self.total[k] / self.weight[k] for k in self.total if self.weight[k] > 0}
+
+
+def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_fresh: bool,
+                  ctx: DistContext = LOCAL, gate=None, collision: bool = False) -> dict[str, float]:
+    """``ppo_epochs`` passes of optimizer mini-batches of M prompts over ``batch``.
+
+    Per mini-batch: (1) mini-batch-wide thresholds from the current policy's
+    statistics, (2) gradient accumulation over micro-batches normalised by the
+    global unit count, (3) clip, (4) step — skipped when the loss or the gradient
+    norm is not finite. ``params_fresh``: the policy is still the one that computed
+    ``old_logprobs``, so the first mini-batch reuses those statistics instead of a
+    second forward pass. If ``old_logprobs`` is None (``old_stats_from_update``), the
+    first mini-batch's own forward fills ``old_logprobs``, ``old_entropy`` and, with
+    ``collision``, ``old_collision`` of ``batch``.
+
+    Under DDP / FSDP2 ``batch`` is this rank's share of the global batch: thresholds
+    are taken over the gathered statistics of all ranks and the loss is divided by the
+    global unit count, so the update equals the single-process one.
+
+    ``gate`` (``stapo.reuse.ReuseGate``, from ``reuse:``; None = one pass): the batch is
+    reused for ``gate.max_passes`` passes of ``ppo_epochs`` sweeps each, with the
+    rollout-time ``old_logprobs``. The gate hooks each micro-batch loss (``track``),
+    measures the pre-clip lm_head gradient (``measure``) and, for a finite step, may
+    veto it (``veto``): the step is skipped (gradients dropped, Adam untouched) and
+    the batch is not reused further.
+    """
+    name, opts = cfg.objective.name, dict(cfg.objective.options)
+    # Dr. GRPO's constant normaliser is the generation budget, not each micro-batch's padded T
+    opts.setdefault("norm_length", cfg.rollout.max_new_tokens)
+    obj = get_objective(name)
+    mode = obj.config(**opts).loss_agg_mode
+    rows = cfg.optim.mini_batch_prompts // ctx.world_size * cfg.rollout.n  # this rank's share of M
+    gather = gather_variable if ctx.world_size > 1 else None
+    # DDP and FSDP2 average gradients over ranks; the loss is already divided by the global
+    # count, so undo the average to get the sum the single-process update has
+    grad_scale = float(ctx.world_size)
+    temperature = cfg.rollout.temperature
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics, n_steps, n_skipped, n_gated = MetricMean(), 0, 0, 0
+    passes = gate.max_passes if gate is not None else 1  # reuse (DGG): K passes of ppo_epochs sweeps
+    fill = params_fresh and batch.old_logprobs is None  # the update scores the rollout policy itself
+    if fill and (len(batch) > rows or obj.loss_mask is not None or obj.minibatch_overrides is not None):
+        raise ValueError(f"update_policy: batch.old_logprobs is None, but objective {name!r} with {len(batch)} "
+                         f"rows in mini-batches of {rows} needs them before the loss (old_stats_from_update); "
+                         "run compute_old_logprobs first")
+
+    for epoch in range(passes * cfg.optim.ppo_epochs):
+        pass_index = epoch // cfg.optim.ppo_epochs
+        for mb in batch.split(rows):
+            micros = [m.to(device) for m in mb.split(cfg.optim.micro_batch_size)]
+            # (1) statistics of the current policy over the whole mini-batch
+            if params_fresh:
+                stats = [TokenStats(m.old_logprobs, m.old_entropy, m.advantages, m.response_mask, m.teacher_logprobs,
+                                    m.old_logprobs) for m in micros]
+            else:
+                stats = [_current_stats(model, m, temperature) for m in micros]
+            overrides = minibatch_overrides(name, stats, gather, **opts)
+            denominator = all_reduce_sum(sum(
+                count_units(loss_token_mask(name, s.logprobs, s.entropy, s.advantages, s.response_mask,
+                                            **opts, **overrides), mode)
+                for s in stats
+            ))
+            # (2) accumulate gradients; each micro-batch loss is already divided by the global count
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            filled = []  # detached [b, T] (logprobs, entropy, collision) per micro-batch, when filling
+            for m in micros:
+                out = policy_stats(model, m, temperature, with_entropy=obj.needs_entropy or fill,
+                                   with_collision=fill and collision)
+                old = out.logprobs.detach() if fill else m.old_logprobs.to(out.logprobs.dtype)  # fill: ρ = 1
+                if fill:
+                    filled.append([None if x is None else x.detach().float().cpu() for x in out])
+                loss, mmetrics = policy_loss(
+                    name, out.logprobs, old, m.advantages, m.response_mask,
+                    entropy=out.entropy if obj.needs_entropy else None, ref_logprobs=m.ref_logprobs, teacher_logprobs=m.teacher_logprobs,
+                    denominator=denominator, **opts, **overrides,
+                )
+                if gate is not None:
+                    gate.track(loss)  # hook the lm_head's share of the gradient (tied embeddings)
+                (loss * grad_scale if grad_scale != 1.0 else loss).backward()
+                loss_sum += loss.detach().double().cpu()
+                metrics.add(mmetrics, weight=float(m.response_mask.sum()))
+            if fill:  # the whole batch was this one mini-batch: later sweeps read the rollout policy's stats
+                batch.old_logprobs, batch.old_entropy, batch.old_collision = (
+                    torch.cat(xs) if xs[0] is not None else None for xs in zip(*filled))
+                fill = False
+            # (3) clip and (4) step, unless something is non-finite or the gate vetoes it
+            if gate is not None:
+                gate.measure()  # pre-clip: clipping would cap the very spike the gate looks for
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
+            loss_total = all_reduce_sum(float(loss_sum))
+            if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
+                n_skipped += 1
+            elif gate is not None and gate.veto(pass_index):
+                n_gated += 1
+            else:
+                optimizer.step()
+                n_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            params_fresh = False
+            metrics.add({"actor/grad_norm": float(grad_norm), "actor/loss": loss_total})
+            if n_gated:
+                break
+        if n_gated:
+            break
+    out = metrics.result()
+    out.update({"train/optimizer_steps": n_steps, "train/nonfinite_skipped": n_skipped})
+    if gate is not None:
+        out.update(gate.pop_metrics())  # reuse/passes, gate_triggers, lm_head_grad_sq, z
+    return out
+
+
+@torch.no_grad()
+def _current_stats(model, micro: RolloutBatch, temperature: float) -> TokenStats:
+    out = policy_stats(model, micro, temperature)
+    return TokenStats(out.logprobs.float(), out.entropy.float(), micro.advantages, micro.response_mask,
+                      micro.teacher_logprobs, micro.old_logprobs)
