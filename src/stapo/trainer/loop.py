@@ -104,12 +104,13 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
                                                samples=cfg.eval_samples, seed=cfg.seed + 1 + ctx.rank))
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
-                        {**state, "step": step, "sampler": sampler.state_dict(),
-                         **({"reuse_gate": gate.state_dict()} if gate is not None else {})}, cfg.keep_last, ctx)
+        path = save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
+                               {**state, "step": step, "sampler": sampler.state_dict(),
+                                **({"reuse_gate": gate.state_dict()} if gate is not None else {})}, cfg.keep_last, ctx)
+        log.checkpoint(step, path)  # the trackers learn where it is
 
     with RewardPool(**_reward_kwargs(cfg)) as pool, RunLogger(
-        run_dir, cfg.steps, state["step"], cfg.tensorboard, quiet, write=ctx.is_main
+        run_dir, cfg, state["step"], quiet, write=ctx.is_main
     ) as log:
         if state["step"] == 0:
             log.log(0, evaluate())
