@@ -2,8 +2,9 @@
 the experiment trackers chosen with ``logger: [...]`` (``stapo.trainer.trackers``).
 
 In a terminal the progress is a live bar: step/total, ETA, and the last reward, entropy, S2T silenced
-fraction and held-out accuracy. Elsewhere (CI, a log file) it is one plain line per step. Third-party
-progress bars (transformers' "Writing model shards", datasets, the hub) are off inside a run.
+fraction and held-out accuracy. Elsewhere (CI, a log file) it is one plain line per step.
+``quiet_progress_bars`` turns third-party bars (transformers' "Writing model shards", datasets, the
+hub) off; ``train`` runs inside it.
 """
 
 from __future__ import annotations
@@ -74,7 +75,6 @@ class RunLogger:
             self.trackers = start_trackers(self._trackers_wanted, self.run_dir, *self._tracker_args, self.start_step)
             for tracker in self.trackers:
                 stack.callback(tracker.close)
-            stack.enter_context(quiet_progress_bars())
             stack.enter_context(self._progress)
             self._t0 = time.monotonic()
             self._stack = stack.pop_all()  # keep everything open until __exit__

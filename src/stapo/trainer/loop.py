@@ -31,7 +31,7 @@ from . import setup
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .diagnose import StepDiagnostics
 from .heldout import heldout_accuracy
-from .logger import RunLogger, truncate_metrics
+from .logger import RunLogger, quiet_progress_bars, truncate_metrics
 from .phases import (
     SUM_METRICS,
     ProblemSampler,
@@ -56,7 +56,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
     ctx = init_distributed(cfg.parallel.strategy, device.type)
     device = setup.rank_device(device, ctx)
     try:
-        return _train(cfg, ctx, device, resume, quiet or not ctx.is_main)
+        with quiet_progress_bars():  # transformers' shard writer etc. would break into the progress output
+            return _train(cfg, ctx, device, resume, quiet or not ctx.is_main)
     finally:
         shutdown(ctx)
 

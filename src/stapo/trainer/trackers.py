@@ -14,7 +14,9 @@ A resumed run continues the same tracker run: the ids are kept in ``RUN_DIR/trac
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -114,8 +116,9 @@ class TrackioTracker(Tracker):
         import trackio
 
         self._trackio = trackio
-        self._run = trackio.init(project=project, name=run_name, config=config,
-                                 resume="allow" if start_step else "never", embed=False)  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):  # its banner would break into stapo's progress lines
+            self._run = trackio.init(project=project, name=run_name, config=config,
+                                     resume="allow" if start_step else "never", embed=False)  # fmt: skip
 
     def log_metrics(self, step, metrics):
         self._run.log(metrics, step=step)
@@ -124,7 +127,9 @@ class TrackioTracker(Tracker):
         self._run.log({"checkpoint/path": path}, step=step)  # trackio keeps any JSON value per step
 
     def close(self):
-        self._run.finish()
+        with contextlib.redirect_stdout(io.StringIO()):
+            self._run.finish()
+        self._trackio.context_vars.current_run.set(None)  # else its exit hook finishes (and prints) again
 
 
 class MlflowTracker(Tracker):
