@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -26,8 +27,12 @@ def _pip(*args, cwd=None):
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """``pip wheel .`` then ``pip install --no-deps --target``: a folder holding only the installed stapo."""
-    wheels = tmp_path_factory.mktemp("wheel")
-    build = ["wheel", str(ROOT), "--no-deps", "-q", "-w", str(wheels)]
+    wheels, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source") / "stapo"
+    for part in ("pyproject.toml", "README.md"):  # a copy: the build writes build/ and egg-info beside it
+        (source / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / part, source / part)
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    build = ["wheel", str(source), "--no-deps", "-q", "-w", str(wheels)]
     done = _pip(*build, "--no-build-isolation")  # offline, with the venv's setuptools
     if done.returncode != 0:
         done = _pip(*build)  # an isolated build (fetches setuptools from the package index)

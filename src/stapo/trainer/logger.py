@@ -65,7 +65,8 @@ class RunLogger:
         self._last: dict[str, float] = {}
         self._progress = Progress(
             TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=self.console, disable=not self.live,
+            TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
+            console=self.console, disable=not self.live,
         )  # fmt: skip
         self._task = self._progress.add_task("train", total=self.total, completed=start_step, status="")
         self._stack = contextlib.ExitStack()

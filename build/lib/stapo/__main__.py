@@ -1,3 +1,0 @@
-from stapo.cli import main
-
-raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""Model helpers: loading by hub id or path, and tiny local models for tests and the demo."""

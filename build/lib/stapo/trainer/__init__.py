@@ -1,1 +1,0 @@
-"""The training loop (``loop.train``) and the phases it wires."""
