@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK, CHUNK_HEADER = 32768, 7
@@ -26,7 +27,7 @@ def read_records(path):
             pos += BLOCK - pos % BLOCK
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + CHUNK_HEADER])
-        if kind == 0:
+        if kind == 0 or pos + CHUNK_HEADER + length > len(data):  # the end, or a chunk still being written
             break
         chunk = data[pos + CHUNK_HEADER : pos + CHUNK_HEADER + length]
         pos += CHUNK_HEADER + length
@@ -39,12 +40,19 @@ def read_records(path):
     return records
 
 
-def read_offline_run(wandb_dir) -> dict:
+def read_offline_run(wandb_dir, timeout: float = 30.0) -> dict:
     """{"name", "project", "config", "history": [{key: value}], "summary": {key: value}} of the one
-    offline run under ``wandb_dir``."""
+    offline run under ``wandb_dir``. ``run.finish()`` can return before wandb's writer process has
+    flushed the file, so this waits (up to ``timeout`` s) for the run's closing ``exit`` record."""
     (path,) = Path(wandb_dir).glob("offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + timeout
+    records = read_records(path)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s"
+        time.sleep(0.2)
+        records = read_records(path)
     out = {"name": None, "project": None, "config": {}, "history": [], "summary": {}}
-    for record in read_records(path):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out["name"], out["project"] = record.run.display_name, record.run.project
@@ -52,7 +60,12 @@ def read_offline_run(wandb_dir) -> dict:
         elif kind == "config":
             out["config"] |= {i.key: json.loads(i.value_json) for i in record.config.update}
         elif kind == "history":
-            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            out["history"].append({_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "summary":
-            out["summary"] |= {i.key: json.loads(i.value_json) for i in record.summary.update if i.key}
+            out["summary"] |= {_key(i): json.loads(i.value_json) for i in record.summary.update}
     return out
+
+
+def _key(item) -> str:
+    """An item's key: ``key``, or its ``nested_key`` parts ("reward/mean" may come as ["reward", "mean"])."""
+    return item.key or "/".join(item.nested_key)
