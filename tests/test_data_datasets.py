@@ -86,3 +86,17 @@ def test_train_config_reads_a_dataset_folder(saved_dict):
                               "data.answer_field=a", "data.heldout_size=4"])  # fmt: skip
     train, heldout = setup.load_problem_sets(cfg)
     assert [p.answer for p in train] == ["5", "2", "42"] and len(heldout) == 4
+
+
+def test_cli_convert_reads_a_dataset_folder(saved_dict, tmp_path, capsys):
+    from stapo.cli import main
+    from stapo.data import load_verl_parquet
+
+    out = tmp_path / "out.parquet"
+    assert main(["data", "convert", f"hf:{saved_dict}:test", str(out), "--problem-field", "q",
+                 "--answer-field", "a"]) == 0  # fmt: skip
+    assert [p.answer for p in load_verl_parquet(out)] == ["5"]
+    assert main(["data", "convert", str(saved_dict), str(tmp_path / "x.parquet")]) == 2  # default fields absent
+    err = capsys.readouterr().err
+    assert err.startswith("stapo data convert: dataset ") and "has no field 'problem'" in err
+    assert len(err.strip().splitlines()) == 1

@@ -34,6 +34,17 @@ def add_parser(subparsers) -> None:
 
 
 def convert_cmd(args) -> int:
+    """Bad input (a missing file or field, an unreachable hub id) is one line on stderr, exit status 2."""
+    import sys
+
+    try:
+        return _convert(args)
+    except (ValueError, FileNotFoundError) as err:  # DataError is a ValueError
+        print(f"stapo data convert: {err}", file=sys.stderr)
+        return 2
+
+
+def _convert(args) -> int:
     from pathlib import Path
 
     from .loaders import load_problems, write_verl_parquet
