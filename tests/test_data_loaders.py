@@ -215,6 +215,16 @@ def test_benchmark_schemas_and_data_dir(tmp_path, monkeypatch):
         load_problems("no_such_set")
 
 
+def test_bundled_benchmarks_are_the_shared_files(shared_data_dir):
+    """The package's copies are byte-for-byte the published sets (and their license)."""
+    from stapo.data import BUNDLED_DIR
+
+    shared = sorted(p.name for p in (shared_data_dir / "benchmarks").iterdir())
+    assert sorted(p.name for p in BUNDLED_DIR.iterdir()) == shared
+    for name in shared:
+        assert (BUNDLED_DIR / name).read_bytes() == (shared_data_dir / "benchmarks" / name).read_bytes(), name
+
+
 def test_minerva_without_box_is_an_error(tmp_path):
     (tmp_path / "benchmarks").mkdir()
     write_json(tmp_path / "benchmarks" / "minerva_math.jsonl", [{"problem": "p", "solution": "no box"}], True)

@@ -60,14 +60,11 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    """One experiment tracker. ``resume_id`` is the id it returned from ``run_id`` in an earlier
-    session of the same run (None for a new run)."""
+    """One experiment tracker, built as ``Cls(run_dir, run_name, project, config, start_step, resume_id)``:
+    it starts (or, with ``resume_id``, the id its ``run_id`` gave in an earlier session of the same
+    run, continues) a tracker run and sends it the run name and ``config``."""
 
     name = ""
-
-    def __init__(self, run_dir: Path, run_name: str, project: str, config: dict, start_step: int,
-                 resume_id: str | None):  # fmt: skip
-        raise NotImplementedError
 
     @property
     def run_id(self) -> str | None:
