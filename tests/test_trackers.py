@@ -50,7 +50,8 @@ def read_wandb(run_dir):
 
     run = read_offline_run(run_dir / "wandb")
     history = {key: {row["_step"]: row[key] for row in run["history"] if key in row}
-               for key in ("reward/mean", "eval/accuracy", "train/lr")}  # fmt: skip
+               for key in ("reward/mean", "eval/accuracy", "train/lr", "checkpoint/path")}  # fmt: skip
+    assert list(history["checkpoint/path"].values())[-1] == run["summary"]["checkpoint/path"]
     return run["name"], run["config"], history, run["summary"]["checkpoint/path"]
 
 
@@ -179,7 +180,7 @@ def test_plain_lines_when_not_a_terminal(tmp_path):
 
 
 @pytest.mark.slow
-def test_stapo_train_logs_plain_lines_and_reaches_every_tracker(tiny_model_dir, tmp_path):
+def test_stapo_train_logs_plain_lines_and_reaches_every_tracker(tiny_model_dir, tmp_path, monkeypatch):
     """A real `stapo train` with stdout piped (not a terminal) and all four trackers on."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MLFLOW_"))}
     env |= {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), "WANDB_MODE": "offline",
@@ -202,14 +203,10 @@ def test_stapo_train_logs_plain_lines_and_reaches_every_tracker(tiny_model_dir, 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rewards = {r["step"]: r["reward/mean"] for r in metrics if "reward/mean" in r}
     checkpoints = [str(run_dir / "checkpoints" / f"step_{s:06d}") for s in (2, 3)]
-    env_before = dict(os.environ)
-    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE")})
-    try:
-        for reader in READERS.values():
-            name, config, history, checkpoint = reader(run_dir)
-            assert name == run_dir.name and config["steps"] == 3, reader.__name__
-            assert history["reward/mean"] == pytest.approx(rewards), reader.__name__
-            assert checkpoint in checkpoints, reader.__name__
-    finally:
-        os.environ.clear()
-        os.environ.update(env_before)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.setenv(key, env[key])
+    for reader in READERS.values():
+        name, config, history, checkpoint = reader(run_dir)
+        assert name == run_dir.name and config["steps"] == 3, reader.__name__
+        assert history["reward/mean"] == pytest.approx(rewards), reader.__name__
+        assert checkpoint in checkpoints, reader.__name__

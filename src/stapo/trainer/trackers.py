@@ -100,7 +100,8 @@ class WandbTracker(Tracker):
         self._run.log(metrics, step=step)
 
     def log_checkpoint(self, step, path):
-        self._run.summary.update({"checkpoint/path": path, "checkpoint/step": step})
+        self._run.log({"checkpoint/path": path}, step=step)  # every path, in the history of its step
+        self._run.summary.update({"checkpoint/path": path, "checkpoint/step": step})  # the latest
 
     def close(self):
         self._run.finish()
