@@ -105,10 +105,10 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
                                                samples=cfg.eval_samples, seed=cfg.seed + 1 + ctx.rank))
 
     def checkpoint(step: int) -> None:
-        path = save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
-                               {**state, "step": step, "sampler": sampler.state_dict(),
-                                **({"reuse_gate": gate.state_dict()} if gate is not None else {})}, cfg.keep_last, ctx)
-        log.checkpoint(step, path)  # the trackers learn where it is
+        save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
+                        {**state, "step": step, "sampler": sampler.state_dict(),
+                         **({"reuse_gate": gate.state_dict()} if gate is not None else {})}, cfg.keep_last, ctx)
+        log.checkpoint(step, latest_checkpoint(run_dir))  # the trackers learn where it is
 
     with RewardPool(**_reward_kwargs(cfg)) as pool, RunLogger(
         run_dir, cfg, state["step"], quiet, write=ctx.is_main
