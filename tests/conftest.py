@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/helpers is importable by spawned reward workers too
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# trackio reads its store's folder once, at import: tests write to a temporary one, never to ~/.cache
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="stapo-test-trackio-")
 
 
 @pytest.fixture(scope="session")

@@ -194,23 +194,35 @@ def fake_data_dir(tmp_path):
 def test_benchmark_schemas_and_data_dir(tmp_path, monkeypatch):
     data = fake_data_dir(tmp_path)
     monkeypatch.delenv("STAPO_DATA_DIR", raising=False)
-    with pytest.raises(DataError, match="STAPO_DATA_DIR"):
-        load_benchmark("amc23")
+    assert load_benchmark("amc23")[0].answer == "27" and len(load_benchmark("amc23")) == 40  # bundled
+    with pytest.raises(DataError, match=r"no data directory for preset 'math_train'.*STAPO_DATA_DIR"):
+        load_problems("math_train")
     monkeypatch.setenv("STAPO_DATA_DIR", str(data))
+    assert len(load_benchmark("amc23")) == 1  # the data directory overrides the bundled sets
     assert load_benchmark("amc23")[0].answer == "27"
     assert load_benchmark("minerva")[0].answer == "1.6 \\mathrm{~cm}"  # last box of the solution
     o = load_benchmark("olympiadbench")
     assert o[0].answer == ["69", "84"] and o[0].id == "olympiadbench/7"  # multi-answer -> parts
     assert o[1].answer == "(1,2)" and o[1].prompt == "ctx\n\nq2"  # a tuple is one answer
-    with pytest.raises(FileNotFoundError, match=r"benchmark 'aime24': file .*aime24\.jsonl not found"):
+    with pytest.raises(FileNotFoundError, match=r"benchmark 'aime24': file .*aime24\.jsonl not found .*bundled"):
         load_benchmark("aime24")
     with pytest.raises(ValueError, match="unknown benchmark 'gsm8k'"):
         load_benchmark("gsm8k")
     with pytest.warns(UserWarning, match="left out 1 rows"):
         assert [p.id for p in load_problems("math_train")] == ["math_train/0"]
     assert set(BENCHMARKS) == {"aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"}
-    with pytest.raises(FileNotFoundError, match="not a preset"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder, and not hf:ORG/NAME, a preset"):
         load_problems("no_such_set")
+
+
+def test_bundled_benchmarks_are_the_shared_files(shared_data_dir):
+    """The package's copies are byte-for-byte the published sets (and their license)."""
+    from stapo.data import BUNDLED_DIR
+
+    shared = sorted(p.name for p in (shared_data_dir / "benchmarks").iterdir())
+    assert sorted(p.name for p in BUNDLED_DIR.iterdir()) == shared
+    for name in shared:
+        assert (BUNDLED_DIR / name).read_bytes() == (shared_data_dir / "benchmarks" / name).read_bytes(), name
 
 
 def test_minerva_without_box_is_an_error(tmp_path):

@@ -34,7 +34,9 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    train: str = "demo"  # "demo", a preset (math_train, aime_1983_2023), or a .json/.jsonl/.parquet path
+    # "demo", a preset (math_train, aime_1983_2023), a .json/.jsonl/.parquet path, a dataset folder, or
+    # hf:ORG/NAME[:split] (a hub dataset, through datasets.load_dataset)
+    train: str = "demo"
     data_dir: str | None = None  # else $STAPO_DATA_DIR
     problem_field: str | None = None  # for JSON inputs whose fields are not the defaults
     answer_field: str | None = None
@@ -143,7 +145,11 @@ class TrainConfig:
     keep_last: int = 2
     eval_every: int = 0  # 0 = only before and after training
     eval_samples: int = 1  # samples per held-out problem at the rollout temperature
-    tensorboard: bool = False
+    # console (progress bar / plain lines) and experiment trackers: any of console, wandb, trackio,
+    # mlflow, tensorboard; each tracker is an extra (pip install 'stapo[wandb]'), see trainer/trackers.py
+    logger: list[str] = dataclasses.field(default_factory=lambda: ["console"])
+    project: str = "stapo"  # the trackers' project / experiment name; the run is run_name
+    tensorboard: bool = False  # older spelling of adding tensorboard to logger
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
@@ -310,6 +316,10 @@ def _validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    from ..trainer.trackers import missing_tracker
+
+    if (problem := missing_tracker(cfg.logger + ["tensorboard"] * cfg.tensorboard)) is not None:
+        raise ConfigError(problem)
     if get_objective(cfg.objective.name).needs_teacher:  # self-distillation: the teacher context must render
         from ..distill import check_templates
 

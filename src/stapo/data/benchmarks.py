@@ -1,6 +1,8 @@
 """The six evaluation sets, each read from its own published schema into ``Problem``.
 
-Files live in ``{data_dir}/benchmarks/`` (``data_dir`` from the caller or ``STAPO_DATA_DIR``):
+The files ship with the package (``benchmarks_data/``, MIT, from math-evaluation-harness: see
+``benchmarks_data/LICENSE.math-evaluation-harness``). A data directory from the caller or
+``$STAPO_DATA_DIR`` overrides them: its ``benchmarks/`` folder is read instead.
 
 | name          | file                | question         | gold answer                                        |
 |---------------|---------------------|------------------|----------------------------------------------------|
@@ -19,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..rewards.extract import answer_parts, last_boxed, strip_dollars
-from .loaders import DataError, answer_text, get_field, read_records, resolve_data_dir
 from .problem import Problem
+from .records import DataError, answer_text, get_field, read_records, user_data_dir
 
 BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
 FILES = {
@@ -31,6 +33,7 @@ FILES = {
     "minerva": "minerva_math.jsonl",
     "olympiadbench": "olympiadbench.jsonl",
 }
+BUNDLED_DIR = Path(__file__).with_name("benchmarks_data")  # package data (pyproject: package-data)
 ROWS = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva": 272, "olympiadbench": 675}
 
 RowFn = Callable[[dict, int, Path], Problem]
@@ -100,11 +103,19 @@ _ROW_FNS: dict[str, RowFn] = {
 }
 
 
-def load_benchmark(name: str, data_dir: str | os.PathLike | None = None) -> list[Problem]:
-    """All rows of benchmark ``name`` (one of ``BENCHMARKS``) as ``Problem``s, in file order."""
+def benchmark_path(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """The file of benchmark ``name``: under ``{data_dir or $STAPO_DATA_DIR}/benchmarks/``, else bundled."""
     if name not in _ROW_FNS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
-    path = resolve_data_dir(data_dir) / "benchmarks" / FILES[name]
+    user_dir = user_data_dir(data_dir)
+    path = (user_dir / "benchmarks" if user_dir else BUNDLED_DIR) / FILES[name]
     if not path.is_file():
-        raise FileNotFoundError(f"benchmark {name!r}: file {path} not found")
+        hint = " (unset STAPO_DATA_DIR / --data-dir to use the bundled copy)" if user_dir else ""
+        raise FileNotFoundError(f"benchmark {name!r}: file {path} not found{hint}")
+    return path
+
+
+def load_benchmark(name: str, data_dir: str | os.PathLike | None = None) -> list[Problem]:
+    """All rows of benchmark ``name`` (one of ``BENCHMARKS``) as ``Problem``s, in file order."""
+    path = benchmark_path(name, data_dir)
     return [_ROW_FNS[name](row, i, path) for i, row in enumerate(read_records(path))]

@@ -1,8 +1,9 @@
-"""Loaders: JSON / JSONL with configurable fields, verl parquet (DAPO-Math-17k schema), presets.
+"""Loaders: JSON / JSONL with configurable fields, verl parquet (DAPO-Math-17k schema), presets, and
+datasets by hub id or local dataset folder (``hf:ORG/NAME[:split]``, through ``datasets``).
 
 Every loader returns ``list[Problem]``; every malformed input is a ``DataError`` that names the file,
-the row and the field. The data directory (the folder holding ``benchmarks/`` and ``train/``) comes
-from the caller or the ``STAPO_DATA_DIR`` environment variable, never from a built-in path.
+the row and the field. The training presets live in a data directory (the folder holding ``train/``)
+from the caller or the ``STAPO_DATA_DIR`` environment variable; the benchmarks ship with the package.
 
 verl parquet schema (one row per problem), read and written here::
 
@@ -23,88 +24,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from .benchmarks import BENCHMARKS, load_benchmark
 from .problem import Problem
 from .prompts import apply_template, strip_template
-
-
-class DataError(UserError, ValueError):
-    """A data file is missing a field, or has one of the wrong type; the message names both."""
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """``data_dir`` if given, else ``$STAPO_DATA_DIR``; it must exist."""
-    origin = "data_dir"
-    if data_dir is None:
-        data_dir, origin = os.environ.get("STAPO_DATA_DIR"), "STAPO_DATA_DIR"
-    if not data_dir:
-        raise DataError(
-            "no data directory: pass data_dir=... (or --data-dir) or set STAPO_DATA_DIR to the folder "
-            "that holds benchmarks/ and train/"
-        )
-    path = Path(data_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"data directory {path} (from {origin}) does not exist")
-    return path
-
-
-def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a JSON array (``.json``) or JSON-lines (``.jsonl``) file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: line {n} is not valid JSON: {err}") from err
-    else:
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}: not valid JSON ({err}); JSON-lines files need the .jsonl extension"
-            ) from err
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {i} is {type(row).__name__}, expected an object")
-    return rows
-
-
-def get_field(row: dict, field: str, path: Any, i: int) -> Any:
-    """``row[field]`` (dots reach into nested objects: ``reward_model.ground_truth``), or a DataError."""
-    value: Any = row
-    for key in field.split("."):
-        if not isinstance(value, dict) or key not in value or value[key] is None:
-            raise DataError(f"{path}: row {i} has no field {field!r} (fields: {sorted(row)})")
-        value = value[key]
-    return value
-
-
-def answer_text(value: Any, path: Any = "?", i: int = 0, field: str = "answer") -> str | list[str]:
-    """A gold answer as text: numbers canonical (``27.0`` -> ``"27"``), lists as parts."""
-    if isinstance(value, bool) or value is None:
-        raise DataError(f"{path}: row {i} field {field!r} is {value!r}, expected text or a number")
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError(f"{path}: row {i} field {field!r} is empty")
-        return value.strip()
-    if isinstance(value, (list, tuple)) and value:
-        parts = [answer_text(v, path, i, field) for v in value]
-        if any(isinstance(p, list) for p in parts):
-            raise DataError(f"{path}: row {i} field {field!r} is a nested list")
-        return parts[0] if len(parts) == 1 else parts  # type: ignore[return-value]
-    raise DataError(f"{path}: row {i} field {field!r} is {type(value).__name__} {value!r}")
+from .records import DataError, answer_text, get_field, read_records, resolve_data_dir
 
 
 def load_json(
@@ -118,33 +41,52 @@ def load_json(
     limit: int | None = None,
     on_missing: str = "error",
 ) -> list[Problem]:
-    """Problems from a JSON array or JSONL file. ``meta`` keeps ``meta_fields`` (default: every
-    other field). Ids are ``"{source}/{id_field or row index}"``; source defaults to the file stem.
+    """Problems from a JSON array or JSONL file (fields as in ``rows_to_problems``); source defaults
+    to the file stem."""
+    path = Path(path)
+    rows = read_records(path)[:limit]
+    return rows_to_problems(
+        rows, path, problem_field, answer_field, id_field=id_field, source=source or path.stem,
+        meta_fields=meta_fields, on_missing=on_missing,
+    )  # fmt: skip
+
+
+def rows_to_problems(
+    rows: list[dict],
+    origin: Any,
+    problem_field: str = "problem",
+    answer_field: str = "answer",
+    *,
+    id_field: str | None = None,
+    source: str = "data",
+    meta_fields: Iterable[str] | None = None,
+    on_missing: str = "error",
+) -> list[Problem]:
+    """Problems from rows with a question and an answer field (dots reach nested fields). ``meta`` keeps
+    ``meta_fields`` (default: every other field). Ids are ``"{source}/{id_field or row index}"``;
+    ``origin`` (a path or dataset name) is what error messages name.
 
     ``on_missing``: a row without a usable answer raises a ``DataError`` ("error") or is left out with
     one warning that lists the rows ("skip"; ids keep the original row index).
     """
     if on_missing not in ("error", "skip"):
         raise ValueError(f"on_missing={on_missing!r}: expected 'error' or 'skip'")
-    path = Path(path)
-    rows = read_records(path)[:limit]
-    source = source or path.stem
     keep = None if meta_fields is None else set(meta_fields)
     problems, skipped = [], []
     for i, row in enumerate(rows):
-        prompt = get_field(row, problem_field, path, i)
+        prompt = get_field(row, problem_field, origin, i)
         if not isinstance(prompt, str):
             raise DataError(
-                f"{path}: row {i} field {problem_field!r} is {type(prompt).__name__}, expected text"
+                f"{origin}: row {i} field {problem_field!r} is {type(prompt).__name__}, expected text"
             )
         try:
-            answer = answer_text(get_field(row, answer_field, path, i), path, i, answer_field)
+            answer = answer_text(get_field(row, answer_field, origin, i), origin, i, answer_field)
         except DataError:
             if on_missing == "error":
                 raise
             skipped.append(i)
             continue
-        key = get_field(row, id_field, path, i) if id_field else i
+        key = get_field(row, id_field, origin, i) if id_field else i
         meta = {
             k: v
             for k, v in row.items()
@@ -153,13 +95,13 @@ def load_json(
         problems.append(Problem(id=f"{source}/{key}", prompt=prompt, answer=answer, source=source, meta=meta))
     if skipped:
         warnings.warn(
-            f"{path}: left out {len(skipped)} rows without a usable {answer_field!r}: rows {skipped}",
-            stacklevel=2,
+            f"{origin}: left out {len(skipped)} rows without a usable {answer_field!r}: rows {skipped}",
+            stacklevel=3,
         )
     return problems
 
 
-def _user_content(messages: Any, path: Path, i: int) -> str:
+def _user_content(messages: Any, path: Any, i: int) -> str:
     if isinstance(messages, str):
         return messages
     if isinstance(messages, list):
@@ -172,11 +114,7 @@ def _user_content(messages: Any, path: Path, i: int) -> str:
 
 
 def load_verl_parquet(path: str | os.PathLike, limit: int | None = None) -> list[Problem]:
-    """Problems from a verl-schema parquet (DAPO-Math-17k and ``write_verl_parquet``'s output).
-
-    The user message's instruction template (``boxed`` or ``dapo``) is stripped, so ``prompt`` is the
-    bare question; the original messages are kept in ``meta["messages"]`` when they differ from it.
-    """
+    """Problems from a verl-schema parquet (DAPO-Math-17k and ``write_verl_parquet``'s output)."""
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -188,16 +126,23 @@ def load_verl_parquet(path: str | os.PathLike, limit: int | None = None) -> list
             raise DataError(f"{path}: no column {column!r} (verl schema: {', '.join(VERL_COLUMNS)})")
     if limit is not None:
         table = table.slice(0, limit)
+    return verl_rows_to_problems(table.to_pylist(), path, path.stem)
+
+
+def verl_rows_to_problems(rows: list[dict], origin: Any, default_source: str) -> list[Problem]:
+    """Problems from verl-schema rows. The user message's instruction template (``boxed`` or ``dapo``)
+    is stripped, so ``prompt`` is the bare question; the original messages are kept in
+    ``meta["messages"]`` when they differ from it."""
     problems = []
-    for i, row in enumerate(table.to_pylist()):
-        content = _user_content(get_field(row, "prompt", path, i), path, i)
+    for i, row in enumerate(rows):
+        content = _user_content(get_field(row, "prompt", origin, i), origin, i)
         extra = row.get("extra_info") or {}
         parts = extra.get("answer_parts") or []
         if len(parts) > 1:
             answer: str | list[str] = [str(p) for p in parts]
         else:
             answer = answer_text(
-                get_field(row, "reward_model.ground_truth", path, i), path, i, "reward_model.ground_truth"
+                get_field(row, "reward_model.ground_truth", origin, i), origin, i, "reward_model.ground_truth"
             )
         meta = json.loads(extra["meta"]) if isinstance(extra.get("meta"), str) else {}
         meta |= {k: v for k, v in extra.items() if k not in ("meta", "answer_parts", "id", "index")}
@@ -210,7 +155,7 @@ def load_verl_parquet(path: str | os.PathLike, limit: int | None = None) -> list
         question = strip_template(content)
         if question != content or (isinstance(row["prompt"], list) and len(row["prompt"]) > 1):
             meta["messages"] = row["prompt"]
-        source = row.get("data_source") or path.stem
+        source = row.get("data_source") or default_source
         key = extra.get("id") or f"{source}/{extra.get('index', i)}"
         problems.append(Problem(id=str(key), prompt=question, answer=answer, source=source, meta=meta))
     return problems
@@ -292,20 +237,22 @@ PRESETS = {
 }
 
 
+HF_PREFIX = "hf:"
+
+
 def load_problems(
     path_or_preset: str | os.PathLike,
     data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
     **json_fields,
 ) -> list[Problem]:
-    """Any supported input: a preset (``math_train``, ``aime_1983_2023``), a benchmark name, or a
-    ``.parquet`` (verl), ``.json`` / ``.jsonl`` file (``json_fields`` go to ``load_json``)."""
-    from .benchmarks import BENCHMARKS, load_benchmark
-
+    """Any supported input: a preset (``math_train``, ``aime_1983_2023``), a benchmark name, a
+    ``.parquet`` (verl), ``.json`` / ``.jsonl`` file, a dataset folder or ``hf:ORG/NAME[:split]``
+    (``json_fields`` go to ``rows_to_problems``)."""
     name = str(path_or_preset)
     if name in PRESETS:
         preset = PRESETS[name]
-        path = resolve_data_dir(data_dir) / preset.path
+        path = resolve_data_dir(data_dir, what=f"preset {name!r} ({preset.path} under it)") / preset.path
         return load_json(
             path,
             preset.problem_field,
@@ -316,13 +263,66 @@ def load_problems(
         )
     if name in BENCHMARKS:
         return load_benchmark(name, data_dir)[:limit]
+    if name.startswith(HF_PREFIX):
+        return load_dataset_problems(name[len(HF_PREFIX) :], limit=limit, **json_fields)
     path = Path(path_or_preset)
     if path.suffix == ".parquet":
         return load_verl_parquet(path, limit=limit)
     if path.suffix in (".json", ".jsonl"):
         return load_json(path, limit=limit, **json_fields)
+    if path.is_dir():
+        return load_dataset_problems(str(path), limit=limit, **json_fields)
     if not path.exists():
         raise FileNotFoundError(
-            f"{name!r}: no such file, and not a preset ({', '.join(PRESETS)}) or benchmark ({', '.join(BENCHMARKS)})"
+            f"{name!r}: no such file or folder, and not hf:ORG/NAME, a preset ({', '.join(PRESETS)}) "
+            f"or a benchmark ({', '.join(BENCHMARKS)})"
         )
-    raise DataError(f"{path}: unsupported file type {path.suffix!r} (expected .parquet, .json or .jsonl)")
+    raise DataError(
+        f"{path}: unsupported file type {path.suffix!r} (expected .parquet, .json, .jsonl or a dataset folder)"
+    )
+
+
+def load_dataset_problems(spec: str, limit: int | None = None, **fields) -> list[Problem]:
+    """Problems from ``NAME[:split]`` (default split ``train``): NAME is a local folder (written by
+    ``save_to_disk``, or holding parquet / json / csv files) or a Hugging Face Hub dataset id, read
+    with ``datasets``. Rows in the verl schema (``prompt`` messages, ``reward_model.ground_truth``, as
+    DAPO-Math-17k) map as verl parquet does; other rows by ``fields`` (``problem_field``, ...)."""
+    name, _, split = spec.partition(":")
+    dataset = _open_dataset(name, split or "train")
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    origin = f"dataset {name!r}"
+    source = Path(name.rstrip("/")).name
+    columns = set(dataset.column_names)
+    if {"prompt", "reward_model"} <= columns and fields.get("problem_field", "problem") not in columns:
+        return verl_rows_to_problems(dataset.to_list(), origin, source)
+    fields = {"source": source, **{k: v for k, v in fields.items() if v is not None}}
+    return rows_to_problems(dataset.to_list(), origin, **fields)
+
+
+def _open_dataset(name: str, split: str):
+    import datasets
+
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+            dataset = datasets.load_from_disk(str(folder))  # a save_to_disk folder
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise DataError(f"dataset {name!r}: no split {split!r}; it has {', '.join(dataset)}")
+                dataset = dataset[split]
+            return dataset
+        try:  # a folder of data files
+            return datasets.load_dataset(str(folder), split=split)
+        except ValueError as err:  # e.g. an unknown split
+            raise DataError(f"dataset {name!r}: {err}") from None
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"dataset folder {name!r} not found")
+    try:
+        return datasets.load_dataset(name, split=split)
+    except (OSError, ValueError) as err:  # offline (ConnectionError), unknown id or split, gated
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"hf:{name}:{split}: could not load it from the Hugging Face Hub ({type(err).__name__}: {reason}). "
+            "Without network, load it once where there is one and save_to_disk, then pass that folder"
+        ) from None

@@ -81,7 +81,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reward-workers", type=int, default=2, help="verifier processes (default: 2)")
     p.add_argument("--strict", action="store_true", help="only a \\boxed{} answer counts")
     p.add_argument(
-        "--data-dir", default=None, help="directory holding benchmarks/ (default: $STAPO_DATA_DIR)"
+        "--data-dir",
+        default=None,
+        help="directory whose benchmarks/ replaces the bundled sets (default: $STAPO_DATA_DIR, else bundled)",
     )
     p.add_argument(
         "--out",

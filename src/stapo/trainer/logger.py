@@ -1,45 +1,89 @@
-"""Per-step metrics: ``metrics.jsonl`` (one JSON object per step), a rich progress bar, TensorBoard."""
+"""Per-step metrics: ``metrics.jsonl`` (one JSON object per step, always), progress on the console, and
+the experiment trackers chosen with ``logger: [...]`` (``stapo.trainer.trackers``).
+
+In a terminal the progress is a live bar: step/total, ETA, and the last reward, entropy, S2T silenced
+fraction and held-out accuracy. Elsewhere (CI, a log file) it is one plain line per step.
+``quiet_progress_bars`` turns third-party bars (transformers' "Writing model shards", datasets, the
+hub) off; ``train`` runs inside it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import math
 import os
-import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from .trackers import scalars, start_trackers
+
+# (label, metrics key, format): what the bar and the plain lines show, the last value of each
+STATUS = (
+    ("reward", "reward/mean", "{:.3f}"),
+    ("H", "actor/entropy", "{:.3f}"),
+    ("s2t", "s2t/masked_fraction", "{:.2%}"),
+    ("eval", "eval/accuracy", "{:.3f}"),
+)
+
+
+def chosen_loggers(cfg) -> list[str]:
+    """``cfg.logger``, plus tensorboard for the older ``tensorboard: true``."""
+    names = list(cfg.logger)
+    return names + ["tensorboard"] if cfg.tensorboard and "tensorboard" not in names else names
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, tensorboard: bool = False,
-                 quiet: bool = False, write: bool = True):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.write = write  # only rank 0 writes; the others stay quiet
-        self.console = Console(stderr=True, quiet=quiet)
+    """``with RunLogger(run_dir, cfg, start_step) as log: log.log(step, metrics); log.checkpoint(step, path)``.
+
+    Only rank 0 writes (``write``); ``quiet`` hides the console output; ``console`` is for tests.
+    """
+
+    def __init__(self, run_dir: Path, cfg, start_step: int = 0, quiet: bool = False, write: bool = True,
+                 console: Console | None = None):  # fmt: skip
+        from ..config.schema import to_dict
+
+        self.run_dir, self.path, self.write = Path(run_dir), Path(run_dir) / "metrics.jsonl", write
+        self.total, self.start_step = cfg.steps, start_step
+        loggers = chosen_loggers(cfg)
+        self.console = console or Console(quiet=quiet or not write)
+        self.show_steps = "console" in loggers and write and not quiet
+        self.live = self.show_steps and self.console.is_terminal
+        self._trackers_wanted = [n for n in loggers if n != "console"] if write else []
+        self._tracker_args = (self.run_dir.name, cfg.project, to_dict(cfg))
+        self.trackers: list = []
+        self._last: dict[str, float] = {}
         self._progress = Progress(
-            TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"), console=self.console, transient=False,
-            disable=quiet or not sys.stderr.isatty(),
-        )
-        self._task = self._progress.add_task("train", total=total_steps, completed=start_step, status="")
-        self._tb = None
-        if tensorboard and write:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise ImportError("tensorboard logging needs: pip install 'stapo[tensorboard]'") from err
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
+            console=self.console, disable=not self.live,
+        )  # fmt: skip
+        self._task = self._progress.add_task("train", total=self.total, completed=start_step, status="")
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self):
-        self._progress.start()
+        with self._stack as stack:
+            self.trackers = start_trackers(self._trackers_wanted, self.run_dir, *self._tracker_args, self.start_step)
+            for tracker in self.trackers:
+                stack.callback(tracker.close)
+            stack.enter_context(self._progress)
+            self._t0 = time.monotonic()
+            self._stack = stack.pop_all()  # keep everything open until __exit__
         return self
 
     def __exit__(self, *exc):
-        self._progress.stop()
-        if self._tb is not None:
-            self._tb.close()
+        self._stack.close()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.write:
@@ -47,21 +91,64 @@ class RunLogger:
         record = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
-        status = "  ".join(
-            f"{label} {metrics[key]:.3g}"
-            for label, key in [("reward", "reward/mean"), ("H", "actor/entropy"), ("s2t", "s2t/masked_fraction")]
-            if key in metrics
-        )
-        self._progress.update(self._task, completed=step, status=status)
-        if not self._progress.live.is_started or self._progress.disable:
-            self.console.log(f"step {step}  {status}")
+        numbers = scalars(metrics)
+        for tracker in self.trackers:
+            tracker.log_metrics(step, numbers)
+        self._last |= {key: numbers[key] for _, key, _ in STATUS if key in numbers}
+        status = self.status()
+        if self.live:
+            self._progress.update(self._task, completed=step, status=status)
+        elif self.show_steps:
+            self._print(f"step {step}/{self.total}  {status}  {self._times(step)}".rstrip())
+
+    def checkpoint(self, step: int, path: str | Path) -> None:
+        """Tell the trackers where checkpoint ``step`` was written."""
+        if self.write:
+            for tracker in self.trackers:
+                tracker.log_checkpoint(step, str(path))
+
+    def status(self) -> str:
+        return "  ".join(f"{label} {fmt.format(self._last[key])}" for label, key, fmt in STATUS if key in self._last)
 
     def message(self, text: str) -> None:
-        self.console.log(text)
+        self._print(text)
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def _times(self, step: int) -> str:
+        done, elapsed = step - self.start_step, time.monotonic() - self._t0
+        if done <= 0:
+            return ""
+        eta = elapsed / done * (self.total - step)
+        return f"elapsed {_hms(elapsed)}  eta {_hms(eta)}"
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """transformers', datasets' and the hub's tqdm bars off inside the block, as they were after it."""
+    import datasets
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as transformers_logging
+
+    was = (transformers_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled(),
+           hub.are_progress_bars_disabled())  # fmt: skip
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    hub.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was[0]:
+            transformers_logging.enable_progress_bar()
+        if was[1]:
+            datasets.enable_progress_bars()
+        if not was[2]:
+            hub.enable_progress_bars()
+
+
+def _hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

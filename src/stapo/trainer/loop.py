@@ -31,7 +31,7 @@ from . import rundir, setup
 from .checkpoint import load_trainer_state, save_checkpoint
 from .diagnose import StepDiagnostics
 from .heldout import heldout_accuracy
-from .logger import RunLogger
+from .logger import RunLogger, quiet_progress_bars
 from .phases import (
     SUM_METRICS,
     ProblemSampler,
@@ -56,7 +56,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
     ctx = init_distributed(cfg.parallel.strategy, device.type)
     device = setup.rank_device(device, ctx)
     try:
-        with contextlib.ExitStack() as held:  # the run directory's lock, held until the run ends
+        # the run directory's lock is held until the run ends; third-party progress bars (transformers'
+        # shard writer, datasets) would break into the progress output
+        with contextlib.ExitStack() as held, quiet_progress_bars():
             return _train(cfg, ctx, device, resume, quiet or not ctx.is_main, held)
     finally:
         shutdown(ctx)
@@ -105,12 +107,14 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                                                samples=cfg.eval_samples, seed=cfg.seed + 1 + ctx.rank))
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
-                        {**state, "step": step, "sampler": sampler.state_dict(),
-                         **({"reuse_gate": gate.state_dict()} if gate is not None else {})}, cfg.keep_last, ctx)
+        path = save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
+                               {**state, "step": step, "sampler": sampler.state_dict(),
+                                **({"reuse_gate": gate.state_dict()} if gate is not None else {})},
+                               cfg.keep_last, ctx)
+        log.checkpoint(step, path)  # the trackers learn where it is
 
     with RewardPool(**_reward_kwargs(cfg)) as pool, RunLogger(
-        run_dir, cfg.steps, state["step"], cfg.tensorboard, quiet, write=ctx.is_main
+        run_dir, cfg, state["step"], quiet, write=ctx.is_main
     ) as log:
         if state["step"] == 0:
             log.log(0, evaluate())
