@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 
 import torch
@@ -26,8 +27,9 @@ from verl.workers.engine.utils import postprocess_batch_func, prepare_micro_batc
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 
+@functools.lru_cache(maxsize=None)
 def actor_config(*overrides: str):
-    """``FSDPActorConfig`` from verl's command line: stapo_trainer.yaml + ``overrides``."""
+    """``FSDPActorConfig`` from verl's command line: stapo_trainer.yaml + ``overrides`` (cached: hydra is slow)."""
     from hydra import compose, initialize_config_dir
     from verl.utils.config import omega_conf_to_dataclass
 
