@@ -20,11 +20,10 @@ else:
 from helpers.verl_engine import (  # noqa: E402
     CPUEngine,
     actor_config,
+    dp_model_and_data,
     padded_stats,
-    rollout_tensordict,
     sequence_stats,
     train_data,
-    with_old_log_probs,
 )
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
@@ -42,9 +41,7 @@ N = 8
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = tiny_qwen3(VOCAB, hidden_size=64, num_layers=1, num_heads=2, head_dim=32, seed=0)
-    data = with_old_log_probs(model, rollout_tensordict(VOCAB, n=N, seed=0))
+    model, data = dp_model_and_data(N, VOCAB)
     with torch.no_grad():
         lp, _ = padded_stats(model, data)
     positive = lp[data["response_mask"].bool() & (data["advantages"] > 0)]

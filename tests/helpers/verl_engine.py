@@ -139,8 +139,10 @@ class CPUEngine(BaseEngine):
         if dist.is_initialized():
             dist.all_reduce(batch_num_tokens, group=self.group)
         tu.assign_non_tensor(data, batch_num_tokens=batch_num_tokens.item(), dp_size=self.get_data_parallel_size())
-        micro_batches, indices = prepare_micro_batches(data=data, dp_group=self.get_data_parallel_group(),
-                                                       same_micro_num_in_dp=True)
+        # verl equalises the dynamic micro-batch count over DP ranks with a CUDA tensor: per rank here
+        dynamic = tu.get_non_tensor_data(data, "use_dynamic_bsz", False)
+        micro_batches, indices = prepare_micro_batches(
+            data=data, dp_group=None if dynamic else self.get_data_parallel_group(), same_micro_num_in_dp=True)
         outputs = []
         for micro in micro_batches:
             with torch.no_grad() if forward_only else nullcontext():
@@ -184,3 +186,11 @@ def train_data(data: TensorDict, micro_batch_size: int | None = None, max_token_
         global_batch_size=len(data), temperature=1.0, calculate_entropy=False,
     )
     return data
+
+
+def dp_model_and_data(n: int = 8, vocab: int = 48):
+    """The model and global mini-batch of the DP test (identical in every process)."""
+    from stapo.models.tiny import tiny_qwen3
+
+    model = tiny_qwen3(vocab, hidden_size=64, num_layers=1, num_heads=2, head_dim=32, seed=0)
+    return model, with_old_log_probs(model, rollout_tensordict(vocab, n=n, seed=0))
