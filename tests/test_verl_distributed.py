@@ -18,12 +18,12 @@ if os.environ.get("STAPO_REQUIRE_VERL") == "1":
 else:
     pytest.importorskip("verl")
 
-from helpers.verl_dp import run_rank  # noqa: E402
-from helpers.verl_engine import dp_model_and_data, padded_stats  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file
 
-import stapo  # noqa: E402
-from stapo.objectives import s2t_mask, s2t_threshold  # noqa: E402
+import stapo
+from helpers.verl_dp import run_rank
+from helpers.verl_engine import dp_model_and_data, padded_stats
+from stapo.objectives import s2t_mask, s2t_threshold
 
 pytestmark = [pytest.mark.verl, pytest.mark.slow]
 OPTS = {"clip_low": 0.2, "clip_high": 0.28, "clip_ratio_c": 10.0, "loss_agg_mode": "token-mean"}

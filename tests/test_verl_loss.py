@@ -13,11 +13,16 @@ import pytest
 import torch
 
 if os.environ.get("STAPO_REQUIRE_VERL") == "1":
-    import verl  # noqa: F401  (fail loudly: the test target promised a working verl)
+    import verl  # fail loudly: the test target promised a working verl
 else:
-    pytest.importorskip("verl")
+    verl = pytest.importorskip("verl")
 
-from helpers.verl_engine import (  # noqa: E402
+from verl.trainer.ppo import core_algos
+from verl.utils import tensordict_utils as tu
+from verl.workers.utils.losses import ppo_loss
+
+import stapo
+from helpers.verl_engine import (
     CPUEngine,
     actor_config,
     dp_model_and_data,
@@ -25,14 +30,9 @@ from helpers.verl_engine import (  # noqa: E402
     sequence_stats,
     train_data,
 )
-from verl.trainer.ppo import core_algos  # noqa: E402
-from verl.utils import tensordict_utils as tu  # noqa: E402
-from verl.workers.utils.losses import ppo_loss  # noqa: E402
-
-import stapo  # noqa: E402
-from stapo.objectives import count_units, loss_token_mask  # noqa: E402
-from stapo.integrations import verl as sv  # noqa: E402
-from stapo.models.tiny import tiny_qwen3  # noqa: E402
+from stapo.integrations import verl as sv
+from stapo.models.tiny import tiny_qwen3
+from stapo.objectives import count_units, loss_token_mask
 
 pytestmark = pytest.mark.verl
 VOCAB = 48

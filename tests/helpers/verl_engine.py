@@ -27,7 +27,7 @@ from verl.workers.engine.utils import postprocess_batch_func, prepare_micro_batc
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def actor_config(*overrides: str):
     """``FSDPActorConfig`` from verl's command line: stapo_trainer.yaml + ``overrides`` (cached: hydra is slow)."""
     from hydra import compose, initialize_config_dir

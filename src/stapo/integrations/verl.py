@@ -62,9 +62,9 @@ __all__ = [
     "LOSS_MODES",
     "NOT_INSTALLED",
     "TESTED_VERL",
+    "MiniBatch",
     "STAPOPolicyLossConfig",
     "check_verl_version",
-    "MiniBatch",
     "minibatch_scope",
     "minibatch_statistics",
     "objective_options",
@@ -108,11 +108,11 @@ except RuntimeError as err:
     _log.error("%s", err)  # verl's entry-point loader swallows import errors at DEBUG level
     raise
 
-from verl.trainer.ppo import core_algos  # noqa: E402  (after the version check: these move between releases)
-from verl.workers.config import PolicyLossConfig  # noqa: E402
-from verl.workers.engine.base import BaseEngine  # noqa: E402
-from verl.workers.utils import losses as verl_losses  # noqa: E402
-from verl.workers.utils.padding import no_padding_2_padding  # noqa: E402
+from verl.trainer.ppo import core_algos
+from verl.workers.config import PolicyLossConfig
+from verl.workers.engine.base import BaseEngine
+from verl.workers.utils import losses as verl_losses
+from verl.workers.utils.padding import no_padding_2_padding
 
 
 @dataclasses.dataclass
