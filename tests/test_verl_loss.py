@@ -267,3 +267,31 @@ def test_plain_policy_loss_config_rejects_stapo_options():
                                                 "+actor_rollout_ref.actor.policy_loss.tau_p=0.01"])
     with pytest.raises(InstantiationException, match="tau_p"):
         omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+
+
+# --- the documented command lines compose into the intended actor config ---------------------------
+
+def _main_ppo_overrides(text: str) -> list[str]:
+    """The hydra overrides of the first `python -m verl.trainer.main_ppo` command in ``text``."""
+    import re
+    import shlex
+
+    start = re.search(r"-m verl\.trainer\.main_ppo[\s\\]+--config-path", text).start()
+    command = re.split(r"(?<!\\)\n", text[start:])[0].replace("\\\n", " ")
+    words = [w for w in shlex.split(command, posix=True)[1:] if not w.startswith("--config-") and w != "2>&1"]
+    return [re.sub(r"\$\{?\w+\}?", "1", w) for w in words if "=" in w]
+
+
+@pytest.mark.parametrize("path", ["docs/verl.md", "scripts/verl_gpu_check.sh"])
+def test_documented_command_composes(path):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / path).read_text()
+    overrides = [o for o in _main_ppo_overrides(text) if not o.startswith("actor_rollout_ref.actor.ppo_micro")]
+    assert any(o == "actor_rollout_ref.actor.policy_loss.loss_mode=stapo" for o in overrides)
+    config = actor_config(*overrides)
+    assert isinstance(config.policy_loss, sv.STAPOPolicyLossConfig)
+    opts = sv.objective_options("stapo", config)
+    assert (opts["clip_low"], opts["clip_high"], opts["clip_ratio_c"], opts["loss_agg_mode"]) == (0.2, 0.28, 10.0,
+                                                                                                  "token-mean")
+    assert config.entropy_coeff == 0 and not config.use_kl_loss
