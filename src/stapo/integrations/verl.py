@@ -131,6 +131,8 @@ class STAPOPolicyLossConfig(PolicyLossConfig):
     normalize_by: str = "selected"  # entropy20: divide by the kept tokens ("selected") or all valid ones ("all")
 
     def __post_init__(self):
+        if hasattr(super(), "__post_init__"):  # verl 0.9.1's PolicyLossConfig has none; a later one may
+            super().__post_init__()
         for name in ("tau_p", "entropy_quantile", "top_ratio"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:  # written so NaN fails too
