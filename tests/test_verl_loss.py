@@ -143,6 +143,31 @@ def test_engine_train_batch_matches_stapo(setup, name, split):
     assert sum(out["loss"]) == pytest.approx(float(ref_metrics["loss/policy"]), abs=1e-6)
 
 
+def test_later_mini_batches_use_the_updated_policy(setup):
+    """Two mini-batches with an SGD step between them: the second pre-pass scores the updated weights,
+    so the result equals stapo's loss on each mini-batch in turn (a step-wide τ_h from the rollout
+    policy would not)."""
+    import copy
+
+    model, data, tau_p = setup
+    config = config_for("stapo", tau_p)
+    opts = sv.objective_options("stapo", config)
+    halves = [tu.index_select_tensor_dict(data, list(range(i, i + N // 2))) for i in (0, N // 2)]
+    ours, ref = copy.deepcopy(model), copy.deepcopy(model)
+    engine = CPUEngine(ours, lr=0.5)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for half in halves:
+        engine.train_batch(train_data(half, micro_batch_size=2), functools.partial(ppo_loss, config=config))
+        _, _, grads = reference(ref, half, "stapo", opts)
+        for name, p in ref.named_parameters():
+            p.grad = grads[name]
+        sgd.step()
+    assert engine.prepass_calls == 2
+    moved = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), model.parameters()))
+    assert moved > 1e-3  # the first step changed the policy the second pre-pass scores
+    assert max((p - q).abs().max().item() for p, q in zip(ours.parameters(), ref.parameters())) < 1e-6
+
+
 def test_engine_threshold_is_not_micro_batch_scoped(setup):
     """The test above can fail: τ_h per micro-batch (no pre-pass) gives a different gradient here."""
     model, data, tau_p = setup
