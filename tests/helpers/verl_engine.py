@@ -3,9 +3,10 @@
 - ``rollout_tensordict``: a rollout batch as verl's ``RayPPOTrainer._update_actor`` hands it to the
   workers: dense left/right-padded tensors turned into verl's no-padding layout by verl's own
   ``left_right_2_no_padding``.
-- ``CPUEngine``: verl's FSDP engine asserts CUDA (``get_device_id``), so the CPU tests run verl's
-  ``BaseEngine.train_batch`` / ``infer_batch`` (where the stapo hook sits) on this small
-  ``BaseEngine`` instead. It does what ``FSDPEngine.forward_backward_batch`` does with verl's own
+- ``CPUEngine``: a small ``BaseEngine`` for the fast and the 2-process tests (verl's real FSDP engine
+  runs in tests/test_verl_fsdp.py through a CPU platform plugin, single process: verl's dynamic-batch
+  balancing all-reduces a CUDA tensor across DP ranks). It runs verl's ``BaseEngine.train_batch`` /
+  ``infer_batch`` (where the stapo hook sits). It does what ``FSDPEngine.forward_backward_batch`` does with verl's own
   pieces (global token count over the DP group, ``prepare_micro_batches``, the loss call contract,
   ``postprocess_batch_func``); only the forward is a plain HF forward per sequence, and
   ``optimizer_step`` averages gradients over DP ranks, as FSDP does, before an SGD step.
