@@ -38,8 +38,9 @@ $(VLLM_VENV)/.stamp: pyproject.toml scripts/setup_vllm_venv.sh
 test-vllm: $(VLLM_VENV)/.stamp
 	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests/test_vllm_*.py
 
-# The verl integration (stapo.integrations.verl), tested against verl's real loss code on CPU in its own
-# environment (verl pins transformers<5.11). STAPO_REQUIRE_VERL=1 turns "verl missing" into a failure.
+# The verl integration (stapo.integrations.verl), tested on CPU against verl's own loss code and FSDP2
+# engine, in its own environment (verl pins transformers<5.11). STAPO_REQUIRE_VERL=1 turns "verl
+# missing" into a failure.
 VERL_VENV ?= .venv-verl
 
 $(VERL_VENV)/.stamp: pyproject.toml scripts/setup_verl_venv.sh
