@@ -1,8 +1,10 @@
 """verl's real FSDP2 engine on CPU (one gloo process) under the stapo hook, against stapo.policy_loss.
 
-Run by tests/test_verl_fsdp.py in a fresh process: VERL_PLATFORM=cpu must be set before verl
-resolves its platform. Prints one JSON line per micro-batch split: the engine's summed loss and
-its gradient's largest difference from stapo's whole-batch fp32 reference.
+Run by tests/test_verl_fsdp.py in a fresh process (VERL_PLATFORM=cpu must be set before verl
+resolves its platform), alone or under torchrun with 2 processes (each rank trains its contiguous half
+of the mini-batch; FSDP2 shards the model over both). Rank 0 prints one JSON line per micro-batch
+split: the engine's loss (summed over micro-batches, averaged over ranks as verl reports it) and its
+gradient's largest difference from stapo's whole-batch fp32 reference.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import sys
 
 
 def main(model_dir: str) -> None:
-    os.environ.update(VERL_PLATFORM="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    os.environ["VERL_PLATFORM"] = "cpu"
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)  # torchrun sets them for 2 processes
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch
     import torch.distributed as dist
@@ -23,6 +27,7 @@ def main(model_dir: str) -> None:
 
     dist.init_process_group("gloo")
     from transformers import AutoModelForCausalLM
+    from verl.utils import tensordict_utils as tu
     from verl.workers.config import HFModelConfig
     from verl.workers.engine import EngineRegistry
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
@@ -69,13 +74,22 @@ def main(model_dir: str) -> None:
 
     engine.optimizer_step = capture_then_step
     state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-    for split in ({"micro_batch_size": 2}, {"max_token_len": 24}):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = len(data) // world  # verl's dispatch hands each DP rank a contiguous chunk
+    shard = tu.index_select_tensor_dict(data, list(range(rank * share, (rank + 1) * share)))
+    # verl's dynamic-batch balancing all-reduces a CUDA tensor over DP ranks: token budgets only alone
+    splits = [{"micro_batch_size": 2}] + ([{"max_token_len": 24}] if world == 1 else [])
+    for split in splits:
         engine.module.load_state_dict(state)  # undo the previous split's step
         with engine.train_mode():
-            out = engine.train_batch(train_data(data, **split), functools.partial(ppo_loss, config=config))
+            out = engine.train_batch(train_data(shard, **split), functools.partial(ppo_loss, config=config))
         diff = max((grads[n] - q.grad).abs().max().item() for n, q in reference_model.named_parameters())
-        print(json.dumps({"split": split, "loss": sum(out["loss"]), "reference_loss": float(loss), "grad_diff": diff,
-                          "silenced": float(metrics["s2t/silenced"]), "engine": type(engine).__name__}))
+        total = torch.tensor(sum(out["loss"]), dtype=torch.float64)
+        dist.all_reduce(total)  # each rank's loss is its share of the global mean (times DP size)
+        if rank == 0:
+            print(json.dumps({"split": split, "ranks": world, "loss": float(total) / world,
+                              "reference_loss": float(loss), "grad_diff": diff,
+                              "silenced": float(metrics["s2t/silenced"]), "engine": type(engine).__name__}))
     dist.destroy_process_group()
 
 
