@@ -9,7 +9,7 @@ ALGO ?= stapo
 SEED ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-vllm demo lint clean
+.PHONY: install test test-vllm test-verl demo lint clean
 
 $(VENV)/.stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,20 @@ $(VLLM_VENV)/.stamp: pyproject.toml scripts/setup_vllm_venv.sh
 test-vllm: $(VLLM_VENV)/.stamp
 	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests/test_vllm_*.py
 
+# The verl integration (stapo.integrations.verl), tested on CPU against verl's own loss code and FSDP2
+# engine, in its own environment (verl pins transformers<5.11). STAPO_REQUIRE_VERL=1 turns "verl
+# missing" into a failure.
+VERL_VENV ?= .venv-verl
+
+$(VERL_VENV)/.stamp: pyproject.toml scripts/setup_verl_venv.sh
+	PYTHON=$(PYTHON) TORCH=$(TORCH) bash scripts/setup_verl_venv.sh $(VERL_VENV)
+	touch $@
+
+test-verl: $(VERL_VENV)/.stamp
+	STAPO_REQUIRE_VERL=1 $(VERL_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests/test_verl_*.py
+
 lint: install
 	$(PY) -m ruff check src tests
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs eval_runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) runs eval_runs .pytest_cache

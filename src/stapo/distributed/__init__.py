@@ -87,27 +87,28 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def gather_variable(values: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor of per-rank length over all ranks, in rank order (identical everywhere)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def gather_variable(values: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate a 1-D tensor of per-rank length over all ranks of ``group`` (default: the world), in
+    rank order (identical everywhere)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return values
     device = _collective_device()
     local = values.detach().to(device=device, dtype=torch.float64).reshape(-1)
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([local.numel()], dtype=torch.long, device=device))
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([local.numel()], dtype=torch.long, device=device), group=group)
     longest = max(int(s) for s in sizes)
     padded = torch.zeros(longest, dtype=torch.float64, device=device)
     padded[: local.numel()] = local
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
+    dist.all_gather(parts, padded, group=group)
     return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)]).to(values.device)
 
 
-def all_reduce_sum(value: float) -> float:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def all_reduce_sum(value: float, group=None) -> float:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return float(t)
 
 
