@@ -79,6 +79,9 @@ class ObjectiveConfig:
     # overrides of the objective's config dataclass, e.g. {prob_threshold: 0.01}; kl_coef > 0
     # loads a frozen reference copy of the initial policy for the KL term
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # where S2T / 20-Entropy take their mask statistics on mini-batches after the first: "current"
+    # (the paper: a no-grad pass of the current policy) or "rollout" (the rollout policy's, no pass)
+    statistics: Literal["current", "rollout"] = "current"
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from ..distributed import (
     unwrap,
     wrap_model,
 )
-from ..objectives import get_objective
+from ..objectives.training import objective_from_config
 from ..reuse import make_gate
 from ..rewards import RewardPool
 from ..rollout import make_generator
@@ -73,8 +73,8 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
     # --- set-up: policy, reference, optimizer, data, generation and reward workers ---
     model, tokenizer = setup.load_policy(cfg, device, ckpt)
     model.train()
-    kl_coef = get_objective(cfg.objective.name).config(**cfg.objective.options).kl_coef
-    ref_model = setup.frozen_copy(model) if kl_coef > 0 else None  # only when β > 0
+    objective = objective_from_config(cfg)  # built once: its config and what it needs
+    ref_model = setup.frozen_copy(model) if objective.needs_reference else None  # only when β > 0
     vocab_size = model.get_output_embeddings().weight.shape[0]
     model = wrap_model(model, ctx, device)  # DDP / FSDP2, or the model itself
     optimizer, scheduler = setup.build_optimizer(model, cfg)
@@ -140,11 +140,11 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool) -> Path:
                         compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size,
                                              device, with_collision=diagnostics.enabled, ref_model=ref_model)
                     metrics |= rollout_engine_mismatch(batch, cfg.rollout.tis_cap)  # vLLM vs trainer
-                    if get_objective(cfg.objective.name).needs_teacher:  # 5b. self-distillation (DASD, OPSD)
+                    if objective.needs_teacher:  # 5b. self-distillation (DASD, OPSD)
                         compute_teacher_logprobs(model, batch, tokenizer, cfg, device)  # privileged context, no grad
                     # 6. ppo_epochs × mini-batches of M prompts: thresholds, accumulate, clip, step
                     metrics |= update_policy(model, optimizer, batch, cfg, device, params_fresh=True, ctx=ctx,
-                                             gate=gate, collision=diagnostics.enabled)
+                                             gate=gate, collision=diagnostics.enabled, objective=objective)
                     metrics |= diagnostics.measure(batch)  # rollout policy's p, H, quadrants, what S2T silences
                 scheduler.step()
                 if sleep_between_rollouts:
