@@ -12,6 +12,7 @@ import torch
 
 from ..advantages import group_advantages
 from ..batch import RolloutBatch
+from ..data.prompts import tokenize_prompt
 from ..distributed import LOCAL, DistContext, all_reduce_sum, gather_variable
 from ..objectives import TokenStats
 from ..objectives.training import MinibatchPlan, TrainingObjective, objective_from_config
@@ -71,7 +72,7 @@ def sampling_config(rollout_cfg, n: int | None = None, seed: int | None = None) 
 
 def generate_rollouts(generator, tokenizer, problems: list, prompts: list[str], rollout_cfg) -> RolloutBatch:
     """G responses for each prompt string, collated into a ``RolloutBatch``."""
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_ids = [tokenize_prompt(tokenizer, p) for p in prompts]
     generations = generator.generate(prompt_ids, sampling_config(rollout_cfg))
     return collate_rollouts(
         problems, prompt_ids, generations, tokenizer.pad_token_id, mask_truncated=rollout_cfg.mask_truncated
