@@ -75,7 +75,7 @@ class RewardConfig:
 @dataclasses.dataclass
 class ObjectiveConfig:
     name: str = "stapo"  # a key of stapo.OBJECTIVES
-    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    advantage: str = "grpo"  # a key of stapo.advantages.ADVANTAGES: grpo, dr_grpo, rloo or a registered one
     # overrides of the objective's config dataclass, e.g. {prob_threshold: 0.01}; kl_coef > 0
     # loads a frozen reference copy of the initial policy for the KL term
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -223,6 +223,11 @@ def _validate(cfg: TrainConfig) -> None:
         get_objective(cfg.objective.name).config(**cfg.objective.options)
     except TypeError as err:
         raise ConfigError(f"config key 'objective.options': {err}") from None
+    from ..advantages import ADVANTAGES
+
+    if cfg.objective.advantage not in ADVANTAGES:
+        raise ConfigError(f"config key 'objective.advantage' must be one of {', '.join(map(repr, ADVANTAGES))}; "
+                          f"got {cfg.objective.advantage!r}")
     r, o = cfg.rollout, cfg.optim
     checks = [
         (r.n >= 1, "rollout.n must be >= 1"),

@@ -101,7 +101,7 @@ def evaluate(
 
     Resumes from ``out_dir/samples.jsonl`` when the settings match the ones recorded in
     ``eval_config.json`` (a mismatch is an error, never a silent mix of two protocols).
-    ``generator`` defaults to ``make_generator(settings.backend, model, tokenizer)``.
+    ``generator`` defaults to ``eval_generator(settings, model, tokenizer)``.
     Returns the results dict (see ``aggregate``).
     """
     from ..rewards import RewardPool
@@ -123,10 +123,9 @@ def evaluate(
     ) as pool:
         if todo:
             if generator is None:
-                from ..rollout import make_generator
+                from ..rollout import eval_generator
 
-                kw = {"batch_size": settings.batch_size} if settings.backend == "hf" else {}
-                generator = make_generator(settings.backend, model, tokenizer, **kw)
+                generator = eval_generator(settings, model, tokenizer)
             timing = _generate_all(
                 todo,
                 problems_by_benchmark,

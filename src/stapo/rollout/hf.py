@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..batch import left_pad
-from .base import Generation, SamplingConfig
+from .base import Generation, Generator, SamplingConfig
 
 
-class HFGenerator:
+class HFGenerator(Generator):
     """Samples with ``model.generate`` in row batches of ``batch_size`` (prompt × sample) sequences.
 
     Uses the model object itself, so ``update_weights`` has nothing to copy. Sampled

@@ -15,6 +15,7 @@ from ..batch import RolloutBatch
 from ..data.prompts import tokenize_prompt
 from ..distributed import LOCAL, DistContext, all_reduce_sum, gather_variable
 from ..objectives import TokenStats
+from ..objectives.corrections import apply_tis, rollout_mismatch
 from ..objectives.training import MinibatchPlan, TrainingObjective, objective_from_config
 from ..rollout import SamplingConfig, collate_rollouts
 
@@ -144,24 +145,19 @@ def compute_old_logprobs(model, batch: RolloutBatch, temperature: float, micro_b
     batch.ref_logprobs = torch.cat(refs) if refs else None
 
 
-def rollout_engine_mismatch(batch: RolloutBatch, tis_cap: float | None) -> dict[str, float]:
-    """|log π_engine − log π_train| when the engine reports log-probs (vLLM); optional TIS.
-
-    Truncated importance sampling (as verl): each token's advantage is scaled by
-    min(π_train / π_engine, C), which scales its clipped loss by the same positive factor.
-    """
+def rollout_engine_mismatch(batch: RolloutBatch) -> dict[str, float]:
+    """|log π_engine − log π_train| when the engine reports log-probs (vLLM); a metric only."""
     if batch.rollout_logprobs is None:
         return {}
-    from ..rollout.vllm import rollout_mismatch, tis_weights
+    return {k: float(v) for k, v in rollout_mismatch(batch.old_logprobs, batch.rollout_logprobs,
+                                                    batch.response_mask).items()}
 
-    metrics = {k: float(v) for k, v in rollout_mismatch(batch.old_logprobs, batch.rollout_logprobs,
-                                                        batch.response_mask).items()}
-    if tis_cap is not None:
-        w = tis_weights(batch.old_logprobs, batch.rollout_logprobs, tis_cap, batch.response_mask)  # [B, T]
-        adv = batch.advantages if batch.advantages.dim() == 2 else batch.advantages.unsqueeze(-1)
-        batch.advantages = adv * w
-        metrics["rollout/tis_weight_mean"] = float(w[batch.response_mask].mean()) if batch.response_mask.any() else 1.0
-    return metrics
+
+def correct_rollout_engine(batch: RolloutBatch, tis_cap: float | None) -> dict[str, float]:
+    """Truncated importance sampling (``rollout.tis_cap``): advantages × min(π_train / π_engine, C)."""
+    if tis_cap is None or batch.rollout_logprobs is None:
+        return {}
+    return apply_tis(batch, tis_cap)
 
 
 def old_stats_from_update(cfg, batch: RolloutBatch, *, gate=None, ref_model=None) -> bool:
