@@ -25,13 +25,7 @@ from stapo.trainer.phases import (
     update_policy,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(objective: str, *extra, prompts: int = 8, mini: int = 2):

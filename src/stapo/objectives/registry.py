@@ -127,20 +127,8 @@ def policy_loss(
                           denominator=denominator, keep_mask=keep_mask)
 
 
-def call_objective(
-    obj: Objective,
-    cfg: Any,
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    entropy: torch.Tensor | None = None,
-    ref_logprobs: torch.Tensor | None = None,
-    teacher_logprobs: torch.Tensor | None = None,
-    denominator: float | None = None,
-    keep_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def call_objective(obj: Objective, cfg: Any, logprobs, old_logprobs, advantages, response_mask, *,
+                   entropy=None, ref_logprobs=None, teacher_logprobs=None, denominator=None, keep_mask=None):
     """``policy_loss`` with an already built config ``cfg`` (the trainer builds it once per run)."""
     name = obj.name
     if obj.needs_entropy and entropy is None:
