@@ -11,7 +11,7 @@ Reported, summed over those mini-batches: valid tokens, tokens silenced by each 
 keep/silence status differs (and that count over the union of silenced tokens), and the mean
 |Δτ_h|.
 
-Run: PYTHONPATH=src .venv/bin/python benchmarks/s2t_statistics_gap.py --steps 50 [--prob-threshold 0.05]
+Run: PYTHONPATH=src .venv/bin/python benchmarks/s2t_statistics_gap.py --steps 50 [--prob-threshold 0.05] [--lr 3e-4]
 (first run builds the demo model under runs/_demo_base, a few minutes)
 """
 
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prob-threshold", type=float, default=0.002, help="S2T's τ_p (the paper's 0.002)")
+    ap.add_argument("--lr", type=float, default=None, help="optim.lr (default: the demo's 5e-5)")
     ap.add_argument("--output-dir", default=str(ROOT / "runs"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,7 +59,8 @@ def main() -> None:
 
     cfg = build_config(str(ROOT / "configs" / "demo.yaml"),
                        ["objective.name=stapo", f"seed={args.seed}", f"output_dir={args.output_dir}",
-                        f"objective.options={{prob_threshold: {args.prob_threshold}}}"])
+                        f"objective.options={{prob_threshold: {args.prob_threshold}}}"]
+                       + ([f"optim.lr={args.lr}"] if args.lr else []))
     setup.seed_everything(cfg.seed)
     device = torch.device("cpu")
     model, tok = setup.load_policy(cfg, device, None, log=lambda *a: print(*a, file=sys.stderr))
@@ -105,7 +107,7 @@ def main() -> None:
                 clip_and_step(model, optimizer, cfg.optim.grad_clip, loss)
             generator.update_weights(model)
     t = totals
-    print(f"demo stapo τ_p = {args.prob_threshold}, seed {args.seed}, {args.steps} steps, {t['minibatches']} mini-batches after the first")
+    print(f"demo stapo τ_p = {args.prob_threshold}, lr {cfg.optim.lr}, seed {args.seed}, {args.steps} steps, {t['minibatches']} mini-batches after the first")
     print(f"valid tokens {t['valid']}; silenced: current {t['silenced_current']} "
           f"({t['silenced_current'] / max(t['valid'], 1):.3%}), rollout {t['silenced_rollout']} "
           f"({t['silenced_rollout'] / max(t['valid'], 1):.3%})")
