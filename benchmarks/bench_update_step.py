@@ -88,9 +88,9 @@ def worker(spec: dict) -> None:
                       "response_length": [r["response/length_mean"] for r in rows]}))
 
 
-def variants(P: int, baseline: str | None) -> list[dict]:
+def variants(P: int, baseline: str | None, layouts: tuple[int, ...] = (4, 16)) -> list[dict]:
     out = []
-    for mini in (4, P):
+    for mini in layouts:
         for name in OBJECTIVES:
             stats = ("current", "rollout") if name in WITH_STATISTICS and mini < P else (None,)
             for s in stats:
@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--baseline", default=None, help="git revision whose justrl and stapo to time too")
     ap.add_argument("--out", default=str(HERE.parent / "RESULTS_update_step.md"))
+    ap.add_argument("--only", default=None, help="comma-separated labels to run (e.g. 'justrl,stapo (rollout)')")
+    ap.add_argument("--layouts", default="4,16", help="comma-separated M values (P = 16)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -133,7 +135,11 @@ def main() -> None:
         base_src = str(base / "src")
     machine = machine_description()
     P = 16
-    todo = variants(P, args.baseline)
+    layouts = tuple(int(m) for m in args.layouts.split(","))
+    todo = variants(P, args.baseline, layouts)
+    if args.only:
+        keep = {x.strip() for x in args.only.split(",")}
+        todo = [v for v in todo if v["label"] in keep or v["label"].split(" @ ")[0] + " (before)" in keep]
     results: dict[tuple, dict] = {}
     t0 = time.perf_counter()
     for r in range(args.repeats):
@@ -154,7 +160,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
 
     tables = []
-    for mini in (4, P):
+    for mini in layouts:
         ref = {k: statistics.median(v) for k, v in results[(mini, "justrl")].items()}
         rows = []
         for (m, label), acc in results.items():
