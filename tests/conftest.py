@@ -14,6 +14,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="stapo-test-trackio-")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: the models are tiny, and two threads contend on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The real benchmark/training data beside the project (../shared/data)."""

@@ -7,6 +7,7 @@ Lp = prompt length (left-padded), T = response length (right-padded).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -134,3 +135,19 @@ def _pad_to(x: torch.Tensor, length: int, value, *, left: bool) -> torch.Tensor:
         return x
     pad = torch.full((x.shape[0], missing), value, dtype=x.dtype, device=x.device)
     return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> (ids [N, L] long, mask [N, L] bool), left-padded to the longest row.
+
+    Prompts are left-padded everywhere (generation continues from the last column; the
+    response starts at the same column in every row).
+    """
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = True
+    return ids, mask

@@ -77,10 +77,13 @@ class RewardConfig:
 @dataclasses.dataclass
 class ObjectiveConfig:
     name: str = "stapo"  # a key of stapo.OBJECTIVES
-    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    advantage: str = "grpo"  # a key of stapo.advantages.ADVANTAGES: grpo, dr_grpo, rloo or a registered one
     # overrides of the objective's config dataclass, e.g. {prob_threshold: 0.01}; kl_coef > 0
     # loads a frozen reference copy of the initial policy for the KL term
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # where S2T / 20-Entropy take their mask statistics on mini-batches after the first: "current"
+    # (the paper: a no-grad pass of the current policy) or "rollout" (the rollout policy's, no pass)
+    statistics: Literal["current", "rollout"] = "current"
 
 
 @dataclasses.dataclass
@@ -294,6 +297,11 @@ def _validate(cfg: TrainConfig) -> None:
     except TypeError as err:
         raise ConfigError(f"config key 'objective.options': {err}") from None
     _check_ranges(cfg)
+    from ..advantages import ADVANTAGES
+
+    if cfg.objective.advantage not in ADVANTAGES:
+        raise ConfigError(f"config key 'objective.advantage' must be one of {', '.join(map(repr, ADVANTAGES))}; "
+                          f"got {cfg.objective.advantage!r}")
     r, o = cfg.rollout, cfg.optim
     checks = [
         (r.prompts_per_step % o.mini_batch_prompts == 0,

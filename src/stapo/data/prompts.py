@@ -78,3 +78,35 @@ def build_prompt(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
     return PLAIN_TEMPLATE.replace("{prompt}", text)
+
+
+# the config's data.use_chat_template / eval's chat_template setting -> build_prompt's argument
+CHAT_MODES = {"auto": "auto", "on": True, "off": False}
+
+
+def chat_mode(setting: str) -> bool | str:
+    """``"auto" | "on" | "off"`` (the config's spelling) -> ``build_prompt``'s ``use_chat_template``."""
+    try:
+        return CHAT_MODES[setting]
+    except KeyError:
+        raise ValueError(f"chat template setting must be one of {', '.join(CHAT_MODES)}, got {setting!r}") from None
+
+
+def tokenize_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a rendered prompt: the one encoding of training, held-out and ``stapo eval``
+    prompts, the teacher's privileged prompt and the demo's.
+
+    A rendered chat template already carries its special tokens (BOS included), so none are added
+    twice; a plain prompt gets the tokenizer's usual ones (a Llama-style base model's BOS), as
+    the model saw in pre-training.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = not (bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+
+def encode_prompt(problem: Problem | str, tokenizer: Any, template: str = "boxed",
+                  use_chat_template: bool | str = "auto") -> tuple[str, list[int]]:
+    """(``build_prompt``'s text, its ``tokenize_prompt`` ids) for one problem."""
+    text = build_prompt(problem, tokenizer, template=template, use_chat_template=use_chat_template)
+    return text, tokenize_prompt(tokenizer, text)

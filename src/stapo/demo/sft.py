@@ -16,16 +16,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data.problem import Problem
+from ..data.prompts import encode_prompt as encode
 
 IGNORE = -100  # label value HF's causal-LM loss skips
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids of the chat-templated user turn, ending in the generation prompt ("Answer: ")."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode(prompt, tokenizer, template="none", use_chat_template=True)[1]  # the trainer's encoding
 
 
 def encode_example(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:

@@ -19,7 +19,8 @@ import dataclasses
 
 import torch
 
-from ..batch import RolloutBatch
+from ..batch import RolloutBatch, left_pad
+from ..data.prompts import chat_mode, tokenize_prompt
 from .context import teacher_prompt
 
 
@@ -34,7 +35,7 @@ def teacher_prompt_ids(problems: list, tokenizer, *, template: str = "boxed", hi
         if key not in cache:
             text = teacher_prompt(p, tokenizer, template=template, hint_template=hint_template,
                                   answer_template=answer_template, use_chat_template=use_chat_template)
-            cache[key] = tokenizer(text, add_special_tokens=False)["input_ids"]
+            cache[key] = tokenize_prompt(tokenizer, text)
         out.append(cache[key])
     return out
 
@@ -45,18 +46,13 @@ def teacher_batch(batch: RolloutBatch, prompt_ids: list[list[int]], pad_token_id
         raise ValueError(f"prompt_ids: {len(prompt_ids)} teacher prompts for a batch of {len(batch)} rows")
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("prompt_ids: a teacher prompt tokenized to no tokens")
-    lt = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(batch), lt), pad_token_id, dtype=torch.long)  # [B, Lt]
-    mask = torch.zeros((len(batch), lt), dtype=torch.bool)  # [B, Lt]
-    for row, p in enumerate(prompt_ids):
-        ids[row, lt - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[row, lt - len(p):] = True
+    ids, mask = left_pad(prompt_ids, pad_token_id)  # [B, Lt]
     return dataclasses.replace(batch, prompt_ids=ids.to(batch.prompt_ids.device),
                                prompt_mask=mask.to(batch.prompt_mask.device))
 
 
 def _context_options(cfg) -> dict:
-    chat = {"auto": "auto", "on": True, "off": False}[cfg.data.use_chat_template]
+    chat = chat_mode(cfg.data.use_chat_template)
     return {"template": cfg.data.template, "hint_template": cfg.distill.hint_template,
             "answer_template": cfg.distill.answer_template, "use_chat_template": chat}
 

@@ -9,16 +9,10 @@ model and tokenizer. Evaluations go to ``RUN/eval/step_000010/`` (results.json, 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from .layout import STEP_DIR, step_dir_name, step_results
 from .settings import EvalSettings
-
-_STEP = re.compile(r"^step_(\d+)$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
 
 
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -28,22 +22,10 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         raise FileNotFoundError(f"--run: {run_dir} has no checkpoints/ directory")
     out = []
     for d in root.iterdir():
-        m = _STEP.match(d.name)
+        m = STEP_DIR.match(d.name)
         if m and (d / "policy").is_dir():
             out.append((int(m.group(1)), d / "policy"))
     return sorted(out)
-
-
-def step_results(eval_root: str | Path) -> list[tuple[int, dict]]:
-    """(step, results) for every ``eval_root/step_*/results.json``, by step."""
-    root = Path(eval_root)
-    out = []
-    if root.is_dir():
-        for d in root.iterdir():
-            m = _STEP.match(d.name)
-            if m and (d / "results.json").exists():
-                out.append((int(m.group(1)), json.loads((d / "results.json").read_text())))
-    return sorted(out, key=lambda t: t[0])
 
 
 def summarize_steps(eval_root: str | Path) -> str:

@@ -47,15 +47,10 @@ def plan_chunks(benchmark: str, n_problems: int, settings: EvalSettings) -> list
 
 def encode_prompt(problem, tokenizer, settings: EvalSettings) -> tuple[str, list[int]]:
     """The templated prompt text (``stapo.data.build_prompt``, the trainer's templates) and its ids."""
-    from ..data import build_prompt
+    from ..data.prompts import chat_mode
+    from ..data.prompts import encode_prompt as encode
 
-    use_chat = {"auto": "auto", "on": True, "off": False}[settings.chat_template]
-    text = build_prompt(problem, tokenizer, template=settings.template, use_chat_template=use_chat)
-    # a rendered chat template already carries its special tokens (BOS included), so do not add
-    # them twice; a plain prompt gets the tokenizer's usual ones
-    bos = getattr(tokenizer, "bos_token", None)
-    add_special = not (bos and text.startswith(bos))
-    return text, tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    return encode(problem, tokenizer, settings.template, chat_mode(settings.chat_template))
 
 
 def run_chunk(
@@ -106,7 +101,7 @@ def evaluate(
 
     Resumes from ``out_dir/samples.jsonl`` when the settings match the ones recorded in
     ``eval_config.json`` (a mismatch is an error, never a silent mix of two protocols).
-    ``generator`` defaults to ``make_generator(settings.backend, model, tokenizer)``.
+    ``generator`` defaults to ``eval_generator(settings, model, tokenizer)``.
     Returns the results dict (see ``aggregate``).
     """
     from ..rewards import RewardPool
@@ -128,10 +123,9 @@ def evaluate(
     ) as pool:
         if todo:
             if generator is None:
-                from ..rollout import make_generator
+                from ..rollout import eval_generator
 
-                kw = {"batch_size": settings.batch_size} if settings.backend == "hf" else {}
-                generator = make_generator(settings.backend, model, tokenizer, **kw)
+                generator = eval_generator(settings, model, tokenizer)
             timing = _generate_all(
                 todo,
                 problems_by_benchmark,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .layout import step_results
+
 DISPLAY = {
     "aime24": "AIME24",
     "aime25": "AIME25",
@@ -90,8 +92,6 @@ def load_results(path: str | Path) -> tuple[str, dict]:
         return p.parent.name, json.loads(p.read_text())
     if (p / "results.json").exists():
         return p.name, json.loads((p / "results.json").read_text())
-    from .checkpoints import step_results
-
     steps = step_results(p / "eval")
     if steps:
         step, res = steps[-1]

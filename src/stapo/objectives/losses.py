@@ -169,14 +169,12 @@ def justrl(cfg, logprobs, old_logprobs, advantages, response_mask, **kw):
 
 # --- 20-Entropy: gradients only on the top-ρ entropy tokens of the mini-batch -----------------
 
-def _entropy20_kept(cfg: Entropy20Config, entropy, response_mask):
+def _entropy20_kept(cfg: Entropy20Config, logprobs, entropy, advantages, response_mask):
     return high_entropy_mask(entropy, response_mask, cfg.top_ratio, cfg.entropy_threshold)
 
 
-def _entropy20_loss_mask(cfg, logprobs, entropy, advantages, response_mask):
-    if cfg.normalize_by == "all":
-        return response_mask.bool()
-    return _entropy20_kept(cfg, entropy, response_mask)
+def _entropy20_denominator(cfg: Entropy20Config, kept, response_mask):
+    return kept if cfg.normalize_by == "selected" else response_mask.bool()
 
 
 def _entropy20_overrides(cfg, stats, gather):
@@ -188,12 +186,17 @@ def _entropy20_overrides(cfg, stats, gather):
     "entropy20",
     Entropy20Config,
     needs_entropy=True,
-    loss_mask=_entropy20_loss_mask,
+    keep_mask=_entropy20_kept,
+    denominator_mask=_entropy20_denominator,
     minibatch_overrides=_entropy20_overrides,
+    policy_statistics=True,
 )
-def entropy20(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy, **kw):
-    """Beyond the 80/20 rule: the `justrl` loss on the top ``top_ratio`` tokens by entropy only."""
-    kept = _entropy20_kept(cfg, entropy, response_mask)
+def entropy20(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy, keep_mask=None, **kw):
+    """Beyond the 80/20 rule: the `justrl` loss on the top ``top_ratio`` tokens by entropy only.
+
+    ``keep_mask``: the kept tokens when the caller has computed them (once per micro-batch).
+    """
+    kept = _entropy20_kept(cfg, logprobs, entropy, advantages, response_mask) if keep_mask is None else keep_mask
     if cfg.normalize_by == "selected":
         loss, metrics = _clip_objective(cfg, logprobs, old_logprobs, advantages, response_mask,
                                         entropy=entropy, loss_mask=kept, **kw)
@@ -207,13 +210,10 @@ def entropy20(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy
 
 # --- STAPO: the justrl objective with the S2T mask, renormalised over kept tokens ---------------
 
-def _stapo_silenced(cfg: STAPOConfig, logprobs, entropy, advantages, response_mask):
-    return s2t_mask(logprobs, entropy, advantages, response_mask, cfg.prob_threshold,
-                    cfg.entropy_quantile, cfg.entropy_threshold)
-
-
-def _stapo_loss_mask(cfg, logprobs, entropy, advantages, response_mask):
-    return response_mask.bool() & ~_stapo_silenced(cfg, logprobs, entropy, advantages, response_mask)
+def _stapo_kept(cfg: STAPOConfig, logprobs, entropy, advantages, response_mask):
+    silenced = s2t_mask(logprobs, entropy, advantages, response_mask, cfg.prob_threshold,
+                        cfg.entropy_quantile, cfg.entropy_threshold)
+    return response_mask.bool() & ~silenced
 
 
 def _stapo_overrides(cfg, stats, gather):
@@ -225,15 +225,27 @@ def _stapo_overrides(cfg, stats, gather):
     "stapo",
     STAPOConfig,
     needs_entropy=True,
-    loss_mask=_stapo_loss_mask,
+    keep_mask=_stapo_kept,
     minibatch_overrides=_stapo_overrides,
+    policy_statistics=True,
 )
-def stapo(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy, **kw):
-    """STAPO (arXiv 2602.15620): `justrl` × S2T keep-mask, token-mean over valid, unsilenced tokens."""
+def stapo(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy, keep_mask=None, **kw):
+    """STAPO (arXiv 2602.15620): `justrl` × S2T keep-mask, token-mean over valid, unsilenced tokens.
+
+    ``keep_mask``: the S2T keep-mask when the caller has computed it (once per micro-batch, from
+    the statistics it chose); the S2T metrics then describe that mask, and ``s2t/candidates``
+    counts the candidates under ``logprobs``.
+    """
+    valid = response_mask.bool()
     # s2t_mask in two steps, so the candidates and τ_h reported below are computed once
     cand = s2t_candidates(logprobs, advantages, response_mask, cfg.prob_threshold)
-    silenced, tau = s2t_silence(cand, entropy, cfg.entropy_quantile, cfg.entropy_threshold)
-    keep = response_mask.bool() & ~silenced
+    if keep_mask is None:
+        silenced, tau = s2t_silence(cand, entropy, cfg.entropy_quantile, cfg.entropy_threshold)
+        keep = valid & ~silenced
+    else:
+        keep = valid & keep_mask
+        silenced, tau = valid & ~keep, cfg.entropy_threshold
+        tau = float("nan") if tau is None else tau
     loss, metrics = _clip_objective(cfg, logprobs, old_logprobs, advantages, response_mask,
                                     entropy=entropy, loss_mask=keep, **kw)
     metrics["s2t/masked_fraction"] = _masked_mean(silenced, response_mask)

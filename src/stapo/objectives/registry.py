@@ -2,13 +2,21 @@
 
 An objective is a pure function ``fn(cfg, logprobs, old_logprobs, advantages,
 response_mask, *, entropy, ref_logprobs, denominator) -> (loss, metrics)`` plus a
-config dataclass holding its paper defaults. Two optional hooks let the trainer
-stay free of per-objective branches:
+config dataclass holding its paper defaults. Optional hooks let the trainer stay
+free of per-objective branches:
 
-- ``loss_mask(cfg, logprobs, entropy, advantages, response_mask)``: the tokens
-  the loss is normalised over (for the global token count under micro-batching);
+- ``keep_mask(cfg, logprobs, entropy, advantages, response_mask)``: the tokens that
+  carry the loss (S2T's unsilenced tokens, 20-Entropy's top tokens). An objective
+  with a keep mask also takes it as ``fn(..., keep_mask=...)``, so a caller computes
+  it once and the same mask serves the numerator and the global denominator;
+- ``denominator_mask(cfg, keep, response_mask)``: the tokens the loss is normalised
+  over, when that is not ``keep`` (20-Entropy's ``normalize_by: all``);
 - ``minibatch_overrides(cfg, stats, gather)``: statistics that must be taken over
   the whole optimizer mini-batch (e.g. τ_h), returned as config overrides.
+
+``policy_statistics`` says whether those hooks read a policy's log-probs / entropy
+(S2T, 20-Entropy) rather than only the rollout policy's and the teacher's (DASD):
+only then does the trainer need a policy's statistics before the loss.
 """
 
 from __future__ import annotations
@@ -38,9 +46,11 @@ class Objective:
     fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     config_cls: type
     needs_entropy: bool = False
-    loss_mask: Callable[..., torch.Tensor] | None = None
+    keep_mask: Callable[..., torch.Tensor] | None = None
     minibatch_overrides: Callable[..., dict[str, Any]] | None = None
     needs_teacher: bool = False  # takes `teacher_logprobs` [B, T] (self-distillation objectives)
+    denominator_mask: Callable[..., torch.Tensor] | None = None  # None: normalise over the keep mask
+    policy_statistics: bool = False  # the hooks read a policy's log-probs / entropy (not only old / teacher)
 
     def config(self, **overrides) -> Any:
         """The paper defaults with ``overrides`` applied; unknown keys are an error that lists the valid ones."""
@@ -62,17 +72,19 @@ def register_objective(
     config_cls: type,
     *,
     needs_entropy: bool = False,
-    loss_mask: Callable[..., torch.Tensor] | None = None,
+    keep_mask: Callable[..., torch.Tensor] | None = None,
     minibatch_overrides: Callable[..., dict[str, Any]] | None = None,
     needs_teacher: bool = False,
+    denominator_mask: Callable[..., torch.Tensor] | None = None,
+    policy_statistics: bool = False,
 ):
     """Decorator: add ``fn`` to the registry under ``name``. A duplicate name is an error."""
 
     def decorate(fn):
         if name in _REGISTRY:
             raise ValueError(f"objective {name!r} is already registered")
-        _REGISTRY[name] = Objective(name, fn, config_cls, needs_entropy, loss_mask, minibatch_overrides,
-                                    needs_teacher)
+        _REGISTRY[name] = Objective(name, fn, config_cls, needs_entropy, keep_mask, minibatch_overrides,
+                                    needs_teacher, denominator_mask, policy_statistics)
         return fn
 
     return decorate
@@ -96,6 +108,7 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     denominator: float | None = None,
+    keep_mask: torch.Tensor | None = None,
     **overrides,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Compute objective ``name``'s loss.
@@ -103,11 +116,21 @@ def policy_loss(
     Shapes: logprobs, old_logprobs, response_mask, entropy, ref_logprobs [B, T];
     advantages [B] or [B, T]. ``denominator``: the global unit count of the
     optimizer mini-batch (see ``stapo.objectives.aggregate``); None = this batch's own.
+    ``keep_mask`` [B, T] (objectives with a keep mask only): the tokens that carry the
+    loss, computed once by the caller; None = the objective computes it from its inputs.
     ``overrides`` change fields of the objective's config dataclass.
     Returns ``(loss, metrics)``; metrics are detached 0-dim tensors.
     """
     obj = get_objective(name)
-    cfg = obj.config(**overrides)
+    return call_objective(obj, obj.config(**overrides), logprobs, old_logprobs, advantages, response_mask,
+                          entropy=entropy, ref_logprobs=ref_logprobs, teacher_logprobs=teacher_logprobs,
+                          denominator=denominator, keep_mask=keep_mask)
+
+
+def call_objective(obj: Objective, cfg: Any, logprobs, old_logprobs, advantages, response_mask, *,
+                   entropy=None, ref_logprobs=None, teacher_logprobs=None, denominator=None, keep_mask=None):
+    """``policy_loss`` with an already built config ``cfg`` (the trainer builds it once per run)."""
+    name = obj.name
     if obj.needs_entropy and entropy is None:
         raise ValueError(f"objective {name!r} needs per-token `entropy` [B, T]")
     if logprobs.shape != old_logprobs.shape or logprobs.shape != response_mask.shape:
@@ -115,7 +138,7 @@ def policy_loss(
             "logprobs, old_logprobs and response_mask must share a shape, got "
             f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(response_mask.shape)}"
         )
-    for field, value in (("entropy", entropy), ("ref_logprobs", ref_logprobs)):
+    for field, value in (("entropy", entropy), ("ref_logprobs", ref_logprobs), ("keep_mask", keep_mask)):
         if value is not None and value.shape != logprobs.shape:
             raise ValueError(f"`{field}` shape {tuple(value.shape)} != logprobs shape {tuple(logprobs.shape)}")
     extra = {}
@@ -123,6 +146,10 @@ def policy_loss(
         if teacher_logprobs is None:
             raise ValueError(f"objective {name!r} needs `teacher_logprobs` [B, T] from the privileged-context pass")
         extra["teacher_logprobs"] = teacher_logprobs
+    if keep_mask is not None:
+        if obj.keep_mask is None:
+            raise ValueError(f"objective {name!r} has no keep mask; `keep_mask` must be None")
+        extra["keep_mask"] = keep_mask.bool()
     return obj.fn(
         cfg,
         logprobs,
@@ -146,11 +173,23 @@ def loss_token_mask(
 ) -> torch.Tensor:
     """The tokens objective ``name`` normalises over (``response_mask`` unless the objective masks)."""
     obj = get_objective(name)
-    if obj.loss_mask is None:
+    cfg = obj.config(**overrides)
+    keep = objective_keep_mask(obj, cfg, logprobs, entropy, advantages, response_mask)
+    return denominator_token_mask(obj, cfg, keep, response_mask)
+
+
+def objective_keep_mask(obj: Objective, cfg: Any, logprobs, entropy, advantages, response_mask) -> torch.Tensor:
+    """The tokens that carry objective ``obj``'s loss [B, T] bool (all valid tokens without a keep mask)."""
+    if obj.keep_mask is None:
         return response_mask.bool()
     if obj.needs_entropy and entropy is None:
-        raise ValueError(f"objective {name!r} needs per-token `entropy` [B, T] for its loss mask")
-    return obj.loss_mask(obj.config(**overrides), logprobs, entropy, advantages, response_mask)
+        raise ValueError(f"objective {obj.name!r} needs per-token `entropy` [B, T] for its loss mask")
+    return obj.keep_mask(cfg, logprobs, entropy, advantages, response_mask)
+
+
+def denominator_token_mask(obj: Objective, cfg: Any, keep: torch.Tensor, response_mask) -> torch.Tensor:
+    """The tokens the loss is normalised over, given the keep mask [B, T]."""
+    return keep if obj.denominator_mask is None else obj.denominator_mask(cfg, keep, response_mask)
 
 
 def minibatch_overrides(name: str, stats: Sequence[TokenStats], gather=None, **overrides) -> dict[str, Any]:

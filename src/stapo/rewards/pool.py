@@ -368,11 +368,13 @@ class RewardPool:
         prompts: Sequence[str] | None = None,
         data_sources: Sequence[str] | None = None,
         extra_infos: Sequence[dict] | None = None,
+        shaped: bool = True,
     ) -> list[float]:
         """Reward of each response against its gold (str, or list[str] whose parts must all match).
 
         ``lengths`` are response lengths in tokens, needed by the overlong term. ``prompts``,
-        ``data_sources`` and ``extra_infos`` are handed to user reward functions.
+        ``data_sources`` and ``extra_infos`` are handed to user reward functions. ``shaped=False``
+        leaves out the format and overlong terms: the verifier's own score (held-out accuracy).
         Shape: N responses -> N floats.
         """
         n = len(responses)
@@ -381,7 +383,7 @@ class RewardPool:
         for name, col in columns.items():
             if col is not None and len(col) != n:
                 raise ValueError(f"score_batch: {name} has {len(col)} entries for {n} responses")
-        if self.overlong is not None and lengths is None:
+        if shaped and self.overlong is not None and lengths is None:
             raise ValueError("score_batch: lengths= (response tokens) is required when overlong is set")
         texts = [_as_text(r) for r in responses]
         gold_list = [_as_gold(g) for g in golds]
@@ -402,6 +404,8 @@ class RewardPool:
                     kwargs[key] = col[i]
             tasks.append(_Task("score", (text, gold), kwargs, parse_keys(gold, None)))
         scores = self._run_items(tasks)
+        if not shaped:
+            return scores
         if self.format_weight:
             scores = [s + self.format_weight * format_term(t, self.reward) for s, t in zip(scores, texts)]
         if self.overlong is not None:

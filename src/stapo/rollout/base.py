@@ -31,6 +31,9 @@ class Generation:
 
 @runtime_checkable
 class Generator(Protocol):
+    """What the trainer and the evaluators call. A backend that subclasses ``Generator`` inherits
+    no-op ``sleep`` / ``wake_up`` / ``close``; only a backend with memory to free overrides them."""
+
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
         """``sampling.n`` generations for each prompt, in prompt order."""
         ...
@@ -38,3 +41,12 @@ class Generator(Protocol):
     def update_weights(self, model) -> None:
         """Make the next ``generate`` sample from ``model``'s current weights."""
         ...
+
+    def sleep(self) -> None:
+        """Free accelerator memory while the trainer updates (colocated engines); no-op by default."""
+
+    def wake_up(self) -> None:
+        """Undo ``sleep`` before the next ``update_weights`` / ``generate``; no-op by default."""
+
+    def close(self) -> None:
+        """Release the backend's resources at the end of a run; no-op by default."""

