@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -174,7 +175,7 @@ def main() -> None:
                       "seconds (ratio to justrl)\n\n"
                       + markdown_table(["objective (statistics)", "step CPU", "update CPU", "step wall",
                                         "update wall", "steps measured"], rows))
-    cmd = "PYTHONPATH=src .venv/bin/python benchmarks/bench_update_step.py " + " ".join(sys.argv[1:])
+    cmd = "PYTHONPATH=src .venv/bin/python benchmarks/bench_update_step.py " + shlex.join(sys.argv[1:])
     text = (f"Command: `{cmd}` at commit {commit}{' (with uncommitted changes)' if dirty else ''}\n\n"
             f"Machine: {machine}. Runs one at a time, 1 torch thread each, "
             f"{args.repeats} interleaved repeats of {args.steps} steps (first step warm-up); this invocation "

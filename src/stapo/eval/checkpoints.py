@@ -116,8 +116,7 @@ def evaluate_checkpoints(
             model_name=str(policy),
             progress=progress,
         )
-        if hasattr(gen, "close"):
-            gen.close()  # a vLLM engine holds GBs of KV cache; free it before the next checkpoint
+        gen.close()  # a vLLM engine holds GBs of KV cache; free it before the next checkpoint
         del model, gen
     summarize_steps(eval_root)
     return step_results(eval_root)

@@ -3,6 +3,7 @@
 from . import dasd as _dasd  # noqa: F401  (registers dasd, opsd, dasd_reverse)
 from . import losses as _losses  # noqa: F401  (registers the built-in objectives)
 from .aggregate import AGG_MODES, agg_loss, count_units
+from .corrections import apply_tis, rollout_mismatch, tis_weights
 from .dasd import DASDConfig, SelfDistillConfig, router_weight
 from .losses import (
     ClipConfig,
@@ -32,10 +33,12 @@ from .registry import (
     policy_loss,
     register_objective,
 )
+from .training import STATISTICS, MinibatchPlan, TrainingObjective, build_objective, objective_from_config
 
 __all__ = [
     "AGG_MODES",
     "OBJECTIVES",
+    "STATISTICS",
     "ClipConfig",
     "DAPOConfig",
     "DASDConfig",
@@ -43,11 +46,15 @@ __all__ = [
     "Entropy20Config",
     "GRPOConfig",
     "JustRLConfig",
+    "MinibatchPlan",
     "Objective",
     "STAPOConfig",
     "SelfDistillConfig",
     "TokenStats",
+    "TrainingObjective",
     "agg_loss",
+    "apply_tis",
+    "build_objective",
     "clipped_surrogate",
     "count_units",
     "get_objective",
@@ -55,11 +62,14 @@ __all__ = [
     "high_entropy_threshold",
     "loss_token_mask",
     "minibatch_overrides",
+    "objective_from_config",
     "policy_loss",
     "quantile",
     "register_objective",
+    "rollout_mismatch",
     "router_weight",
     "s2t_candidates",
     "s2t_mask",
     "s2t_threshold",
+    "tis_weights",
 ]
