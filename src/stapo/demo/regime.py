@@ -29,6 +29,7 @@ import sys
 import torch
 
 from ..advantages import group_advantages
+from ..batch import RolloutBatch
 from ..objectives.masks import s2t_candidates, s2t_silence
 from ..rollout import HFGenerator, SamplingConfig, collate_rollouts
 from ..trainer.phases import compute_old_logprobs
@@ -77,6 +78,26 @@ def _context(tokenizer, ids: list[int], pos: int, before: int = 10, after: int =
 
 
 @torch.no_grad()
+def sample_scored(
+    model, tokenizer, problems: list, *, samples: int = 8, temperature: float = 1.0, max_new_tokens: int = 64,
+    seed: int = 0, batch_size: int = 128,
+) -> RolloutBatch:
+    """``samples`` responses per problem as a ``RolloutBatch`` with rewards (exact match), GRPO
+    advantages, and the sampling policy's log-probs and entropies (``old_logprobs``, ``old_entropy``)."""
+    if samples < 2:
+        raise ValueError(f"samples: need >= 2 responses per prompt for a group advantage, got {samples}")
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
+    sampling = SamplingConfig(temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                              n=samples, seed=seed)
+    generations = HFGenerator(model, tokenizer, batch_size=batch_size).generate(prompts, sampling)
+    batch = collate_rollouts(problems, prompts, generations, tokenizer.pad_token_id)
+    batch.rewards = torch.tensor([exact_reward(t, p.answer) for t, p in zip(batch.response_texts, batch.problems)])
+    batch.advantages = group_advantages(batch.rewards, samples)  # [B]
+    compute_old_logprobs(model, batch, temperature, batch_size, next(model.parameters()).device,
+                         with_collision=False)
+    return batch
+
+
 def measure_regime(
     model,
     tokenizer,
@@ -93,21 +114,12 @@ def measure_regime(
     n_examples: int = 12,
 ) -> RegimeReport:
     """Sample, score and count as the module docstring says; ``problems`` carry integer answers."""
-    if samples < 2:
-        raise ValueError(f"samples: need >= 2 responses per prompt for a group advantage, got {samples}")
-    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
-    sampling = SamplingConfig(temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
-                              n=samples, seed=seed)
-    generations = HFGenerator(model, tokenizer, batch_size=batch_size).generate(prompts, sampling)
-    batch = collate_rollouts(problems, prompts, generations, tokenizer.pad_token_id)
-    batch.rewards = torch.tensor([exact_reward(t, p.answer) for t, p in zip(batch.response_texts, batch.problems)])
-    compute_old_logprobs(model, batch, temperature, batch_size, next(model.parameters()).device,
-                         with_collision=False)
+    batch = sample_scored(model, tokenizer, problems, samples=samples, temperature=temperature,
+                          max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
     logprobs, entropy, mask = batch.old_logprobs, batch.old_entropy, batch.response_mask
-    advantages = group_advantages(batch.rewards, samples)  # [B]
     correct = (batch.rewards > 0).unsqueeze(1) & mask  # [B, T]
     low_p = (logprobs < math.log(prob_threshold)) & mask
-    cand = s2t_candidates(logprobs, advantages, mask, prob_threshold)
+    cand = s2t_candidates(logprobs, batch.advantages, mask, prob_threshold)
     silenced, tau = s2t_silence(cand, entropy, entropy_quantile)
     rows_per_minibatch = minibatch_prompts * samples
     per_mb = torch.cat([s2t_silence(c, e, entropy_quantile)[0]
