@@ -89,3 +89,85 @@ def test_task_registry():
     assert set(TASKS) == {"demo", "demo_words"}
     assert TASKS["demo"].make_problems is arith_problems
     assert math.isclose(assets.task_settings().junk_rate, 0.0)
+
+
+# --- S2T at work on a small demo_words base (built here: ~20 CPU-s) ---------------------------------
+
+# A small, quickly warm-started base: single-digit operands, hidden 64, a 1,024-token BPE with the MATH
+# tail, 2% junk. Its sampled accuracy is low (~7%), but correct responses carry low-p tokens.
+SMALL = {"hidden_size": 64, "num_heads": 2, "vocab_size": 1024, "math_text_problems": 1000,
+         "tokenizer_problems": 500, "max_operand": 9, "sft_steps": 300, "sft_lr": 3e-3,
+         "sft_target_accuracy": None}
+
+
+@pytest.fixture(scope="module")
+def small_rollouts(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stapo.demo.regime import sample_scored
+
+    torch.manual_seed(0)
+    path = assets.build_base_model(tmp_path_factory.mktemp("words_base"), task="demo_words", log=None, **SMALL)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    problems = words.make_problems(128, 0, "heldout", max_operand=9)
+    batch = sample_scored(model, tokenizer, problems, samples=8, max_new_tokens=48, seed=0)
+    return model, tokenizer, batch
+
+
+def test_s2t_candidates_inside_correct_responses(small_rollouts):
+    from stapo.objectives.masks import s2t_candidates
+
+    _, _, batch = small_rollouts
+    cand = s2t_candidates(batch.old_logprobs, batch.advantages, batch.response_mask, 0.002)
+    assert int(cand.sum()) >= 2, "no S2T candidates at τ_p = 0.002: the regime is gone"
+    rows = cand.any(dim=1)
+    assert bool((batch.rewards[rows] == 1.0).all())  # A > 0: every candidate sits in a correct response
+    assert bool((batch.old_logprobs[cand] < math.log(0.002)).all())
+
+
+def test_measure_regime_counts_are_consistent(small_rollouts):
+    from stapo.demo.regime import arithmetic_positions, measure_regime
+
+    model, tokenizer, batch = small_rollouts
+    problems = words.make_problems(128, 0, "heldout", max_operand=9)
+    r = measure_regime(model, tokenizer, problems, samples=8, max_new_tokens=48, seed=0)
+    assert r.n_tokens == int(batch.response_mask.sum())  # the same rollouts as the fixture's
+    assert 0 < r.silenced <= r.candidates <= r.low_p_in_correct <= r.low_p
+    n_cand = round(r.candidates * r.n_tokens)
+    assert r.candidates_in_wording + r.candidates_in_arithmetic == n_cand
+    assert r.silenced_in_wording + r.silenced_in_arithmetic == round(r.silenced * r.n_tokens)
+    assert len(r.examples) == min(12, round(r.silenced * r.n_tokens))
+    ids = tokenizer("So 4 plus 5 is 9. The answer is \\boxed{9}.", add_special_tokens=False)["input_ids"]
+    arith = arithmetic_positions(tokenizer, ids)
+    pieces = [tokenizer.decode([t]) for t in ids]
+    assert arith[pieces.index(" plus")] is False and arith[pieces.index("4")] is True and arith[-1] is True
+
+
+def test_stapo_loss_is_justrl_over_kept_tokens(small_rollouts):
+    from stapo.objectives import policy_loss
+    from stapo.objectives.masks import s2t_mask
+    from stapo.trainer.phases import policy_stats
+
+    model, _, batch = small_rollouts
+    silenced = s2t_mask(batch.old_logprobs, batch.old_entropy, batch.advantages, batch.response_mask)
+    assert silenced.any(), "nothing silenced: the equivalence below would be vacuous"
+    logprobs = policy_stats(model, batch, 1.0).logprobs.detach().requires_grad_(True)  # a fresh forward
+    mask = batch.response_mask
+    args = (batch.old_logprobs, batch.advantages)
+    stapo_loss, metrics = policy_loss("stapo", logprobs, *args, mask, entropy=batch.old_entropy)
+    (g_stapo,) = torch.autograd.grad(stapo_loss, logprobs)
+    kept = mask & ~silenced
+    justrl_loss, _ = policy_loss("justrl", logprobs, *args, kept)
+    (g_justrl,) = torch.autograd.grad(justrl_loss, logprobs)
+    assert torch.equal(stapo_loss, justrl_loss) and torch.equal(g_stapo, g_justrl)
+    assert bool((g_stapo[silenced] == 0).all()) and bool((g_stapo[kept] != 0).any())
+    # float64 reference: -Σ_kept A·clip(ρ) / |kept| (the silenced tokens leave both sums)
+    ratio = (logprobs.detach().double() - batch.old_logprobs.double()).exp()
+    adv = batch.advantages.double().unsqueeze(1).expand_as(ratio)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - 0.2, 1 + 0.28) * adv)
+    reference = -(surrogate[kept]).sum() / kept.sum()
+    assert float(stapo_loss) == pytest.approx(float(reference), rel=1e-5, abs=1e-7)
+    assert float(metrics["s2t/silenced"]) == int(silenced.sum())
+    # silencing changes the loss: justrl over all valid tokens differs
+    assert not torch.equal(policy_loss("justrl", logprobs, *args, mask)[0], stapo_loss)
