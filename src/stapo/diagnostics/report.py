@@ -286,7 +286,8 @@ def _low_p_section(share: dict | None) -> list[str]:
         "",
         (f"Low-p tokens inside correct responses per response token: **{fmt(share['of_all_in_correct'])}**. "
         "Only these can have A > 0, so this bounds the S2T candidate fraction (the STAPO paper silences "
-        "~1e-4 of tokens). Near 0 means the policy derails after a low-p token and S2T has nothing to do."),
+        "~1e-4 of tokens). Near 0 over many low-p tokens means the policy derails after one, and S2T has "
+        "nothing to silence."),
     ]
 
 
