@@ -179,3 +179,17 @@ def test_stapo_loss_is_justrl_over_kept_tokens(small_rollouts):
     assert float(metrics["s2t/silenced"]) == int(silenced.sum())
     # silencing changes the loss: justrl over all valid tokens differs
     assert not torch.equal(policy_loss("justrl", logprobs, *args, mask)[0], stapo_loss)
+
+
+def test_trainer_resolves_the_task_names(tmp_path):
+    from stapo.config.train import build_config
+    from stapo.trainer.setup import base_model_path, load_problem_sets
+
+    cfg = build_config("configs/demo_words.yaml", ["data.heldout_size=8", f"output_dir={tmp_path}"])
+    train, heldout = load_problem_sets(cfg)
+    assert train[0].source == "demo_words" and len(heldout) == 8 and "\\boxed{" in heldout[0].meta["solution"]
+    assert train[:5] == words.make_problems(4096, 0, "train")[:5]
+    cfg = build_config(None, ["data.heldout_size=8"])
+    assert load_problem_sets(cfg)[1][0].source == "demo_arith"
+    cfg = build_config(None, ["model.name_or_path=/some/checkpoint"])
+    assert base_model_path(cfg) == "/some/checkpoint"  # not a task name: used as given
