@@ -170,9 +170,9 @@ def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[i
         prow.append([f"`{label}`", mean_sd([r["acc_peak"] for r in rs]), mean_sd([r["greedy_peak"] for r in rs]),
                      " / ".join(str(r["peak_step"]) for r in rs), mean_sd(low), mean_sd([r["acc_after"] for r in rs]),
                      mean_sd([r["greedy_after"] for r in rs]),
-                     mean_sd([r.get("wall_s") or r["train_s"] for r in rs], 1.0, "{:.0f}")])
+                     mean_sd([r["train_s"] for r in rs], 1.0, "{:.0f}")])
     lines += [markdown_table(["objective", "peak sampled", "peak greedy", "peak step per seed",
-                              "lowest after peak", "end sampled", "end greedy", "wall s (contended)"], prow), ""]
+                              "lowest after peak", "end sampled", "end greedy", "RL step s (contended)"], prow), ""]
     lines += ["Held-out accuracy curves (%, every evaluation):", ""]
     lines += [markdown_table(["objective", "seed", "accuracy by step"], [
         [f"`{r['label']}`", r["seed"], " → ".join(f"{100 * a:.1f}" for _, a in r["curve"])]
