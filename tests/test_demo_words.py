@@ -193,3 +193,13 @@ def test_trainer_resolves_the_task_names(tmp_path):
     assert load_problem_sets(cfg)[1][0].source == "demo_arith"
     cfg = build_config(None, ["model.name_or_path=/some/checkpoint"])
     assert base_model_path(cfg) == "/some/checkpoint"  # not a task name: used as given
+
+
+@pytest.mark.parametrize("argv, field", [(["--model", "/nonexistent"], "--model"), (["--samples", "1"], "--samples"),
+                                         (["--prob-threshold", "0"], "--prob-threshold")])
+def test_regime_cli_rejects_bad_input(argv, field, capsys):
+    from stapo.demo.regime import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and field in capsys.readouterr().err

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -183,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minibatch-prompts", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model: {args.model} is not a model directory (no config.json)")
+    if args.prompts < 1 or args.samples < 2:
+        parser.error(f"--prompts must be >= 1 and --samples >= 2, got {args.prompts} and {args.samples}")
+    if not 0 < args.prob_threshold < 1 or not 0 <= args.entropy_quantile <= 1 or args.temperature <= 0:
+        parser.error("--prob-threshold must be in (0, 1), --entropy-quantile in [0, 1], --temperature > 0")
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
