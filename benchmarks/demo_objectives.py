@@ -11,6 +11,9 @@ Two grids:
   default   the six objectives × seeds at the demo's settings
   --stress  the collapse stress setting: lr raised (``--lr``, default 3e-4), a longer run, GRPO
             versus STAPO at each τ_p of ``--prob-thresholds`` (0.002 is the paper's)
+``--task demo_words`` runs either grid on the worded task (``configs/demo_words.yaml``, issue 16),
+where S2T's mask fires; ``--sweep`` adds STAPO at each τ_p of ``--prob-thresholds`` to the default
+grid; ``--figure PNG`` draws entropy and held-out accuracy against step, mean ± SD over seeds.
 
 Reported per run (its metrics.jsonl): held-out accuracy (``eval/accuracy``: mean of the demo's
 samples at temperature 1; ``eval/greedy_accuracy``) before and after RL, the lowest and highest
@@ -49,7 +52,9 @@ OBJECTIVES = ["stapo", "justrl", "grpo", "dapo", "dr_grpo", "entropy20"]
 def variants(args) -> list[tuple[str, str, dict]]:
     """(label, objective name, objective options) of the grid."""
     if not args.stress:
-        return [(o, o, {}) for o in args.objectives]
+        sweep = [(f"stapo τ_p={t:g}", "stapo", {"prob_threshold": t}) for t in args.prob_thresholds
+                 if t != 0.002] if args.sweep else []
+        return [(o, o, {}) for o in args.objectives] + sweep
     return [("grpo", "grpo", {})] + [(f"stapo τ_p={t:g}", "stapo", {"prob_threshold": t}) for t in args.prob_thresholds]
 
 
@@ -58,7 +63,8 @@ def run_name(label: str, seed: int) -> str:
 
 
 def train_command(args, base: Path, objective: str, options: dict, seed: int, name: str) -> list[str]:
-    cmd = [sys.executable, "-m", "stapo", "train", f"objective.name={objective}", f"seed={seed}",
+    config = [] if args.task == "demo" else [str(ROOT / "configs" / f"{args.task}.yaml")]
+    cmd = [sys.executable, "-m", "stapo", "train", *config, f"objective.name={objective}", f"seed={seed}",
            f"model.name_or_path={base}", f"output_dir={args.out}", f"run_name={name}", f"threads={args.threads}",
            f"save_every={args.steps or 10**9}", "diagnostics.dump_every=0", "reward.num_workers=1"]
     if args.steps:
@@ -78,7 +84,13 @@ def summarise(run_dir: Path, tail: int) -> dict | None:
     if len(evals) < 2 or not train or not (run_dir / "plots").exists():
         return None
     after = evals[1:]
+    peak = max(range(len(evals)), key=lambda i: evals[i]["eval/accuracy"])
     return {
+        "acc_peak": evals[peak]["eval/accuracy"], "peak_step": evals[peak]["step"],
+        "greedy_peak": evals[peak]["eval/greedy_accuracy"],
+        "acc_low_after_peak": min((r["eval/accuracy"] for r in evals[peak + 1 :]), default=None),
+        "entropy_curve": [(r["step"], r["diag/entropy/mean"]) for r in train],
+        "greedy_curve": [(r["step"], r["eval/greedy_accuracy"]) for r in evals],
         "steps": rows[-1]["step"],
         "acc_before": evals[0]["eval/accuracy"], "acc_after": evals[-1]["eval/accuracy"],
         "greedy_before": evals[0]["eval/greedy_accuracy"], "greedy_after": evals[-1]["eval/greedy_accuracy"],
@@ -111,14 +123,17 @@ def launch(args, bases: dict[int, Path], spec: tuple) -> dict:
 
 
 def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[int, Path]) -> str:
-    title = "Stress setting" if args.stress else "Six objectives"
+    title = ("Stress setting" if args.stress else "Objectives") + (f" on `{args.task}`" if args.task != "demo" else "")
     cmd = "benchmarks/demo_objectives.py" + (" --stress" if args.stress else "")
     cmd += f" --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs} --threads {args.threads}"
     cmd += (f" --steps {args.steps}" if args.steps else "") + (f" --lr {args.lr:g}" if args.lr else "")
+    cmd += (f" --task {args.task}" if args.task != "demo" else "") + (" --sweep" if args.sweep else "")
+    if not args.stress and args.objectives != OBJECTIVES:
+        cmd += " --objectives " + " ".join(args.objectives)
     steps = results[0]["steps"]
     walls = [r["wall_s"] for r in results if r.get("wall_s")]
     lines = [
-        f"### {title} on the demo task (issue 4)", "",
+        f"### {title}", "",
         f"Command: `.venv/bin/python {cmd}`", "",
         (f"Machine: {machine}. {len(results)} runs, {args.jobs} at a time with {args.threads} thread each"
          + (f"; a run took {statistics.fmean(walls):.0f} s wall on average" if walls else "")
@@ -146,6 +161,18 @@ def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[i
     lines += [markdown_table(
         ["objective", "seeds", "sampled before", "sampled after", "Δ", "Δ per seed", "greedy Δ", "min after 0",
          "max after 0", "final entropy", "max entropy", "S2T masked fraction", "max grad norm"], rows), ""]
+    lines += [("Peak and after (sampled / greedy held-out accuracy %, mean ± SD over seeds; the lowest evaluation "
+              "after each seed's peak, '-' when the peak is the last evaluation):"), ""]
+    prow = []
+    for label in dict.fromkeys(r["label"] for r in results):
+        rs = [r for r in results if r["label"] == label]
+        low = [r["acc_low_after_peak"] for r in rs if r.get("acc_low_after_peak") is not None]
+        prow.append([f"`{label}`", mean_sd([r["acc_peak"] for r in rs]), mean_sd([r["greedy_peak"] for r in rs]),
+                     " / ".join(str(r["peak_step"]) for r in rs), mean_sd(low), mean_sd([r["acc_after"] for r in rs]),
+                     mean_sd([r["greedy_after"] for r in rs]),
+                     mean_sd([r["train_s"] for r in rs], 1.0, "{:.0f}")])
+    lines += [markdown_table(["objective", "peak sampled", "peak greedy", "peak step per seed",
+                              "lowest after peak", "end sampled", "end greedy", "RL step s (contended)"], prow), ""]
     lines += ["Held-out accuracy curves (%, every evaluation):", ""]
     lines += [markdown_table(["objective", "seed", "accuracy by step"], [
         [f"`{r['label']}`", r["seed"], " → ".join(f"{100 * a:.1f}" for _, a in r["curve"])]
@@ -153,10 +180,39 @@ def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[i
     return "\n".join(lines)
 
 
+def plot_curves(results: list[dict], path: Path) -> None:
+    """Entropy (every step) and held-out sampled accuracy (every evaluation) against step, mean ± SD."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax_h, ax_a) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for label in dict.fromkeys(r["label"] for r in results):
+        rs = [r for r in results if r["label"] == label]
+        for ax, key in ((ax_h, "entropy_curve"), (ax_a, "curve")):
+            n = min(len(r[key]) for r in rs)
+            steps = np.array([s for s, _ in rs[0][key][:n]])
+            vals = np.array([[v for _, v in r[key][:n]] for r in rs])
+            m, sd = vals.mean(0), vals.std(0, ddof=1) if len(rs) > 1 else np.zeros(n)
+            ax.plot(steps, m, label=f"{label} (n={len(rs)})")
+            ax.fill_between(steps, m - sd, m + sd, alpha=0.2)
+    ax_h.set(xlabel="step", ylabel="mean token entropy (rollout policy, nats)", title="Entropy")
+    ax_a.set(xlabel="step", ylabel="held-out sampled accuracy", title="Accuracy (T = 1)")
+    ax_a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--objectives", nargs="+", default=OBJECTIVES)
     p.add_argument("--stress", action="store_true", help="GRPO vs STAPO at each τ_p, at --lr")
+    p.add_argument("--task", default="demo", help="demo task: demo or demo_words (configs/<task>.yaml)")
+    p.add_argument("--sweep", action="store_true", help="default grid: also STAPO at each --prob-thresholds τ_p")
+    p.add_argument("--figure", type=Path, default=None, help="entropy and accuracy vs step, PNG")
     p.add_argument("--prob-thresholds", type=float, nargs="+", default=[0.002, 0.01, 0.05])
     p.add_argument("--lr", type=float, default=None, help="optim.lr (default: the demo's; --stress: 3e-4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -180,10 +236,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, args.threads * args.jobs))
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_description()
-    bases = {s: build_base_model(args.base_cache / f"seed{s}", seed=s) for s in args.seeds}
+    bases = {s: build_base_model(args.base_cache / f"seed{s}", task=args.task, seed=s) for s in args.seeds}
     specs = [(v, s) for v in variants(args) for s in args.seeds]
     results, wall = run_grid(lambda spec: launch(args, bases, spec), specs, args.jobs)
     write_report(args.out, results, markdown(args, results, machine, wall, bases), args.markdown)
+    if args.figure:
+        plot_curves(results, args.figure)
     return 0
 
 

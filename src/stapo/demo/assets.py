@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -24,11 +25,11 @@ import torch
 
 from ..rollout import HFGenerator, SamplingConfig
 from .evaluate import evaluate
-from .sft import encode_example, encode_prompt, train_sft
-from .task import make_problems
+from .sft import encode_example, encode_prompt, insert_junk, train_sft
+from .tasks import get_task
 
 RECIPE_VERSION = 1  # bump when the build changes in a way the settings do not capture
-MAX_NEW_TOKENS = 48  # the longest reference solution is ~33 tokens + EOS
+MAX_NEW_TOKENS = 48  # the arithmetic task's longest reference solution is ~33 tokens + EOS
 INFO_FILE = "stapo_demo_base.json"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", INFO_FILE)
 
@@ -38,6 +39,8 @@ class BaseModelSettings:
     """Everything that determines the built model; hashed into the cache key."""
 
     seed: int = 0
+    # "demo" (bare arithmetic) or "demo_words" (worded solutions, STAPO's regime); see stapo.demo.tasks
+    task: str = "demo"
     # the most SFT steps (also the cosine horizon); the pass usually stops earlier (sft_target_accuracy)
     sft_steps: int = 3000
     sft_batch_size: int = 32
@@ -61,6 +64,10 @@ class BaseModelSettings:
     num_layers: int = 2
     num_heads: int = 4
     head_dim: int = 32
+    # MATH problem statements (package data) added to the tokenizer corpus: a natural-language vocabulary tail
+    math_text_problems: int = 0
+    # share of solution positions where the SFT inserts a random vocabulary token, left out of the loss
+    junk_rate: float = 0.0
     recipe_version: int = RECIPE_VERSION
 
     def __post_init__(self):
@@ -75,6 +82,11 @@ class BaseModelSettings:
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        get_task(self.task)  # a clear error for an unknown task name
+        if not 0 <= self.junk_rate < 1:
+            raise ValueError(f"junk_rate: must be in [0, 1), got {self.junk_rate!r}")
+        if not isinstance(self.math_text_problems, int) or self.math_text_problems < 0:
+            raise ValueError(f"math_text_problems: must be an integer >= 0, got {self.math_text_problems!r}")
         if not self.sft_lr > 0:
             raise ValueError(f"sft_lr: must be > 0, got {self.sft_lr!r}")
         if self.sft_target_accuracy is not None and not 0 < self.sft_target_accuracy <= 1:
@@ -83,13 +95,27 @@ class BaseModelSettings:
             )
 
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        fields = dataclasses.asdict(self)
+        for name, default in _ADDED_FIELDS.items():  # absent at their defaults: older bases keep their hash
+            if fields[name] == default:
+                del fields[name]
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def task_settings(task: str = "demo", **overrides) -> BaseModelSettings:
+    """The settings of ``task``'s base model (``DemoTask.base`` over the defaults), then ``overrides``."""
+    return BaseModelSettings(**{"task": task, **get_task(task).base, **overrides})
+
+
+# fields added after the first release, left out of the hash at these values
+_ADDED_FIELDS = {"task": "demo", "math_text_problems": 0, "junk_rate": 0.0}
 
 
 def base_model_dir(cache_dir: str | os.PathLike, settings: BaseModelSettings) -> Path:
     """Where ``build_base_model`` puts (or finds) the model for ``settings``."""
-    return Path(cache_dir) / f"demo-base-{settings.key()[:12]}"
+    prefix = "demo-base" if settings.task == "demo" else f"{settings.task.replace('_', '-')}-base"
+    return Path(cache_dir) / f"{prefix}-{settings.key()[:12]}"
 
 
 def is_built(path: Path, settings: BaseModelSettings) -> bool:
@@ -104,10 +130,12 @@ def is_built(path: Path, settings: BaseModelSettings) -> bool:
 
 
 def build_tokenizer(settings: BaseModelSettings):
-    """BPE over rendered demo texts (chat-templated prompt + solution), every digit its own token."""
+    """BPE over rendered task texts (chat-templated prompt + solution) and ``math_text_problems`` MATH
+    problem statements, every digit its own token."""
     from ..models.tiny import train_tokenizer
+    from .words import math_texts
 
-    problems = make_problems(
+    problems = get_task(settings.task).make_problems(
         settings.tokenizer_problems, settings.seed, "train", max_operand=settings.max_operand
     )
     # The chat template is a Jinja string that renders the same under any tokenizer, so a
@@ -122,6 +150,8 @@ def build_tokenizer(settings: BaseModelSettings):
         + p.meta["solution"]
         for p in problems
     ]
+    if settings.math_text_problems:
+        texts += math_texts(settings.math_text_problems)
     return train_tokenizer(texts, vocab_size=settings.vocab_size)
 
 
@@ -144,7 +174,7 @@ def build_base_model(
     from ..models.tiny import tiny_qwen3
 
     say = log or (lambda _msg: None)
-    settings = dataclasses.replace(settings or BaseModelSettings(), **overrides)
+    settings = dataclasses.replace(settings, **overrides) if settings else task_settings(**overrides)
     final = base_model_dir(cache_dir, settings)
     if is_built(final, settings):
         say(f"demo base model: reusing {final}")
@@ -168,14 +198,14 @@ def build_base_model(
         f"demo base model: vocab {len(tokenizer)}, {n_params / 1e6:.2f}M params; "
         f"SFT <= {settings.sft_steps} steps x {settings.sft_batch_size}"
     )
-    problems = make_problems(
+    problems = get_task(settings.task).make_problems(
         settings.sft_steps * settings.sft_batch_size,
         settings.seed,
         "train",
         max_operand=settings.max_operand,
         distinct=False,
     )
-    examples = _Encoded(tokenizer, problems)
+    examples = _Encoded(tokenizer, problems, settings.junk_rate, settings.seed)
     checks: list[tuple[int, float]] = []  # (step, validation sampled accuracy)
     with torch.random.fork_rng(devices=[]):  # SFT must not perturb the caller's RNG stream
         torch.manual_seed(settings.seed)
@@ -218,17 +248,23 @@ def build_base_model(
 
 
 class _Encoded(Sequence):
-    """``encode_example`` applied on access: an early stop leaves most of the stream unencoded
-    (encoding costs ~0.13 ms of CPU per example, ~8 s for a full 64k stream)."""
+    """``encode_example`` (+ ``insert_junk`` at ``junk_rate``) applied on access: an early stop leaves
+    most of the stream unencoded (encoding costs ~0.13 ms of CPU per example, ~8 s for a 64k stream)."""
 
-    def __init__(self, tokenizer, problems: list):
-        self.tokenizer, self.problems = tokenizer, problems
+    def __init__(self, tokenizer, problems: list, junk_rate: float = 0.0, seed: int = 0):
+        self.tokenizer, self.problems, self.junk_rate, self.seed = tokenizer, problems, junk_rate, seed
+        special = set(tokenizer.all_special_ids)
+        self.vocab = [i for i in range(len(tokenizer)) if i not in special]
 
     def __len__(self) -> int:
         return len(self.problems)
 
     def __getitem__(self, i):
-        return encode_example(self.tokenizer, self.problems[i])
+        prompt, response = encode_example(self.tokenizer, self.problems[i])
+        if not self.junk_rate:
+            return prompt, response
+        # one RNG per example: the same junk whatever order or how often the stream is read
+        return (prompt, *insert_junk(response, self.junk_rate, self.vocab, random.Random(f"{self.seed}/{i}")))
 
 
 def _validation_stop(
@@ -237,13 +273,14 @@ def _validation_stop(
     """``stop(step)`` for ``train_sft``: sampled accuracy on validation problems >= the target."""
     if settings.sft_target_accuracy is None:
         return None
-    valid = make_problems(
+    task = get_task(settings.task)
+    valid = task.make_problems(
         settings.sft_check_problems, settings.seed, "valid", max_operand=settings.max_operand
     )
     generator = HFGenerator(model, tokenizer, batch_size=128)  # restores train mode after sampling
     # temperature 1, no top-k/top-p: the distribution RL samples from; a fixed seed keeps builds reproducible
     sampling = SamplingConfig(
-        temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS, seed=settings.seed
+        temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=task.max_new_tokens, seed=settings.seed
     )
 
     def stop(step: int) -> bool:

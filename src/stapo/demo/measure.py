@@ -2,6 +2,7 @@
 
     python -m stapo.demo.measure --cache-dir /tmp/stapo-demo --seeds 0 1 2 --n-eval 256 \\
         --set sft_steps=300 sft_lr=1e-3
+    python -m stapo.demo.measure --task demo_words --seeds 0
 
 Prints one JSON line per seed: SFT wall/CPU seconds, steps taken, SFT loss, validation
 checks, held-out sampled (temperature 1, ``--samples`` per problem) and greedy accuracy,
@@ -20,9 +21,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..rollout import HFGenerator, SamplingConfig
-from .assets import INFO_FILE, MAX_NEW_TOKENS, BaseModelSettings, build_base_model
+from .assets import INFO_FILE, BaseModelSettings, build_base_model
 from .evaluate import evaluate
-from .task import make_problems
+from .tasks import TASKS
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -42,13 +43,14 @@ def _parse_overrides(pairs: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stapo.demo.measure", description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default="/tmp/stapo-demo")
+    parser.add_argument("--task", choices=sorted(TASKS), default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--n-eval", type=int, default=256)
     parser.add_argument(
         "--eval-seed", type=int, default=0, help="seed of the held-out problem set (same for all models)"
     )
     parser.add_argument("--samples", type=int, default=4, help="samples per problem for sampled accuracy")
-    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--max-new-tokens", type=int, help="default: the task's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="BaseModelSettings overrides"
@@ -58,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal weights after training slowed CPU generation in the prototype
     overrides = _parse_overrides(args.set)
-    heldout = make_problems(args.n_eval, args.eval_seed, "heldout")
+    task = TASKS[args.task]
+    max_new_tokens = args.max_new_tokens or task.max_new_tokens
+    heldout = task.make_problems(args.n_eval, args.eval_seed, "heldout")
     for seed in args.seeds:
         path = build_base_model(
-            args.cache_dir, seed=seed, log=lambda m: print(m, file=sys.stderr), **overrides
+            args.cache_dir, task=args.task, seed=seed, log=lambda m: print(m, file=sys.stderr), **overrides
         )
         info = json.loads((path / INFO_FILE).read_text())
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -72,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             gen,
             tokenizer,
             heldout,
-            SamplingConfig(1.0, 1.0, 0, args.max_new_tokens, n=args.samples, seed=seed),
+            SamplingConfig(1.0, 1.0, 0, max_new_tokens, n=args.samples, seed=seed),
         )
-        greedy = evaluate(gen, tokenizer, heldout, SamplingConfig(0.0, 1.0, 0, args.max_new_tokens))
+        greedy = evaluate(gen, tokenizer, heldout, SamplingConfig(0.0, 1.0, 0, max_new_tokens))
         row = {
             "seed": seed,
             "settings": overrides,

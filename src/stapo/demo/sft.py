@@ -11,6 +11,7 @@ is the token-mean cross-entropy over response tokens (prompt and padding labels 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,19 +36,41 @@ def encode_example(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
     return encode_prompt(tokenizer, problem.prompt), response
 
 
-def collate_sft(
-    examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int
-) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` [B, L]; labels are -100 off the response."""
-    width = max(len(p) + len(r) for p, r in examples)
+def insert_junk(
+    response: list[int], rate: float, vocab: Sequence[int], rng: random.Random
+) -> tuple[list[int], list[int]]:
+    """``(ids, junk_positions)``: a random ``vocab`` token inserted before each response token w.p. ``rate``.
+
+    The junk never goes before the first token or after EOS. ``collate_sft`` drops the junk
+    positions from the loss, so the model learns to continue the solution after an
+    off-distribution token (as a pretrained LLM reads past one) without learning to emit it.
+    """
+    ids, junk = response[:1], []
+    for token in response[1:]:
+        if rng.random() < rate:
+            junk.append(len(ids))
+            ids.append(rng.choice(vocab))
+        ids.append(token)
+    return ids, junk
+
+
+def collate_sft(examples: Sequence[tuple], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` [B, L]; labels are -100 off the response.
+
+    An example is ``(prompt_ids, response_ids)`` or ``(prompt_ids, response_ids, ignored)``, where
+    ``ignored`` lists response positions left out of the loss (``insert_junk``).
+    """
+    width = max(len(ex[0]) + len(ex[1]) for ex in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)  # [B, L]
     mask = torch.zeros((len(examples), width), dtype=torch.long)  # [B, L]
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)  # [B, L]
-    for i, (p, r) in enumerate(examples):
+    for i, (p, r, *ignored) in enumerate(examples):
         n = len(p) + len(r)
         ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
         mask[i, :n] = 1
         labels[i, len(p) : n] = torch.tensor(r, dtype=torch.long)
+        for j in ignored[0] if ignored else ():
+            labels[i, len(p) + j] = IGNORE
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -74,7 +97,7 @@ def lr_at(step: int, steps: int, lr: float, warmup_steps: int, min_ratio: float 
 
 def train_sft(
     model,
-    examples: Sequence[tuple[list[int], list[int]]],
+    examples: Sequence[tuple],
     *,
     pad_token_id: int,
     steps: int,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable
 
 from ..data.problem import Problem
 
@@ -93,6 +94,23 @@ def make_problems(
     Each is ``Problem(id="demo_arith/<expr>", prompt="Compute <expr>.", answer="<int>",
     source="demo_arith", meta={"solution": <reference solution>})``.
     """
+    return draw_problems(
+        n, seed, split, SOURCE, lambda operands, ops, _rng: solution(operands, ops),
+        max_operand=max_operand, distinct=distinct,
+    )
+
+
+def draw_problems(
+    n: int,
+    seed: int,
+    split: str,
+    source: str,
+    render: Callable[[list[int], list[str], random.Random], tuple[str, int]],
+    *,
+    max_operand: int = 99,
+    distinct: bool = True,
+) -> list[Problem]:
+    """The problem stream shared by the demo tasks; ``render(operands, ops, rng)`` writes the solution."""
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     if n < 0:
@@ -100,7 +118,7 @@ def make_problems(
     if max_operand < 1:
         raise ValueError(f"max_operand: must be >= 1, got {max_operand}")
     # seed and split both enter the stream so the two splits are not filtered views of one sequence
-    rng = random.Random(f"{SOURCE}/{split}/{seed}/{max_operand}")
+    rng = random.Random(f"{source}/{split}/{seed}/{max_operand}")
     out: list[Problem] = []
     seen: set[str] = set()
     budget = 200 * n + 10_000  # rejections (negatives, other split, repeats) cost ~3x on average
@@ -115,8 +133,8 @@ def make_problems(
         if (distinct and expr in seen) or split_of(expr) != split:
             continue
         seen.add(expr)
-        text, value = solution(*drawn)
-        out.append(Problem(f"{SOURCE}/{expr}", f"Compute {expr}.", str(value), SOURCE, {"solution": text}))
+        text, value = render(*drawn, rng)
+        out.append(Problem(f"{source}/{expr}", f"Compute {expr}.", str(value), source, {"solution": text}))
     return out
 
 

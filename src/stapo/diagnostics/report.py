@@ -26,7 +26,7 @@ import numpy as np
 from .dumps import list_dumps, read_rollouts
 from .metrics import QUADRANTS
 
-__all__ = ["load_metrics", "top_silenced_tokens", "write_report"]
+__all__ = ["load_metrics", "low_p_share", "top_silenced_tokens", "write_report"]
 
 COLORS = {"low_p_low_h": "#d62728", "low_p_high_h": "#ff7f0e", "high_p_low_h": "#1f77b4", "high_p_high_h": "#2ca02c"}
 LABELS = {
@@ -230,6 +230,67 @@ def top_silenced_tokens(table, k: int = 20, n_examples: int = 2, before: int = 8
     return out
 
 
+def low_p_share(table, prob_threshold: float | None = None) -> dict | None:
+    """Where the low-probability (p < τ_p) tokens of the dumps fall: correct vs incorrect responses.
+
+    A response is correct when its reward is > 0 (1 vs 0 for ``math``, +1 vs −1 for ``dapo``). Only
+    low-p tokens inside correct responses can get A > 0 and become S2T candidates: a model that derails
+    after an odd token has them all in incorrect responses, and S2T then silences nothing.
+    ``prob_threshold`` defaults to the dump's own (its metadata), else 0.002. Keys: prob_threshold,
+    tokens, low_p (count), in_correct / in_incorrect (low-p counts), share_in_correct (of the low-p
+    tokens), rate_in_correct / rate_in_incorrect (low-p per token of such responses), of_all_in_correct
+    (low-p inside correct responses per token, the quantity that bounds S2T's silenced fraction).
+    None when the dumps have no valid token or no reward.
+    """
+    if prob_threshold is None:
+        prob_threshold = _dump_meta(table).get("prob_threshold", 0.002)
+    d = table.select(["p", "reward", "valid"]).to_pydict()
+    rows = [(p, r > 0) for p, r, v in zip(d["p"], d["reward"], d["valid"]) if v and r is not None and p is not None]
+    if not rows:
+        return None
+    low = [ok for p, ok in rows if p < prob_threshold]
+    n_correct = sum(ok for _, ok in rows)
+    n_incorrect = len(rows) - n_correct
+    in_correct = sum(low)
+    return {
+        "prob_threshold": prob_threshold,
+        "tokens": len(rows),
+        "low_p": len(low),
+        "in_correct": in_correct,
+        "in_incorrect": len(low) - in_correct,
+        "share_in_correct": in_correct / len(low) if low else None,
+        "rate_in_correct": in_correct / n_correct if n_correct else None,
+        "rate_in_incorrect": (len(low) - in_correct) / n_incorrect if n_incorrect else None,
+        "of_all_in_correct": in_correct / len(rows),
+    }
+
+
+def _low_p_section(share: dict | None) -> list[str]:
+    if share is None:
+        return ["No valid tokens with rewards in the dumps."]
+
+    def fmt(x):
+        return "–" if x is None else f"{x:.3g}"
+
+    tau = share["prob_threshold"]
+    return [
+        (f"Tokens with p < τ_p = {tau:g} in the dumps: {share['low_p']} of {share['tokens']} "
+        f"({fmt(share['low_p'] / share['tokens'])}); {share['in_correct']} inside correct responses "
+        f"(share {fmt(share['share_in_correct'])}), {share['in_incorrect']} inside incorrect ones."),
+        "",
+        "| | correct responses | incorrect responses |",
+        "|---|---|---|",
+        f"| low-p tokens | {share['in_correct']} | {share['in_incorrect']} |",
+        (f"| low-p rate (per token of such responses) | {fmt(share['rate_in_correct'])} | "
+        f"{fmt(share['rate_in_incorrect'])} |"),
+        "",
+        (f"Low-p tokens inside correct responses per response token: **{fmt(share['of_all_in_correct'])}**. "
+        "Only these can have A > 0, so this bounds the S2T candidate fraction (the STAPO paper silences "
+        "~1e-4 of tokens). Near 0 over many low-p tokens means the policy derails after one, and S2T has "
+        "nothing to silence."),
+    ]
+
+
 def _md_text(s: str) -> str:
     """Text safe inside a Markdown table cell: escapes shown, pipes escaped, in a code span."""
     body = json.dumps(s, ensure_ascii=False)[1:-1].replace("|", "\\|")
@@ -307,6 +368,8 @@ def write_report(
     image("Entropy over training", plot_entropy(rows, out / "entropy.png"),
           "Mean token entropy with the fraction of positive-advantage tokens predicted to raise it.")
 
+    md += ["## Low-probability tokens in correct vs incorrect responses", ""]
+    md += (_low_p_section(low_p_share(table)) if table is not None else ["No rollout dumps."]) + [""]
     md += ["## Top silenced tokens", ""]
     top = top_silenced_tokens(table, top_k) if table is not None else []
     if not top:

@@ -59,12 +59,15 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
 
 
 def base_model_path(cfg: TrainConfig, log=print) -> str:
-    """The model to start from: a hub id / local path, or the built-in demo model (built once, cached)."""
-    if cfg.model.name_or_path != "demo":
+    """The model to start from: a hub id / local path, or a built-in demo task's model (built once, cached)."""
+    from ..demo.tasks import TASKS
+
+    if cfg.model.name_or_path not in TASKS:
         return cfg.model.name_or_path
     from ..demo.assets import build_base_model
 
-    return str(build_base_model(Path(cfg.output_dir) / "_demo_base" / f"seed{cfg.seed}", seed=cfg.seed, log=log))
+    return str(build_base_model(Path(cfg.output_dir) / "_demo_base" / f"seed{cfg.seed}",
+                                task=cfg.model.name_or_path, seed=cfg.seed, log=log))
 
 
 def _sources(cfg: TrainConfig, checkpoint: Path | None, log=None) -> tuple[str, str]:
@@ -192,10 +195,11 @@ def load_problem_sets(cfg: TrainConfig):
 
 
 def _load(spec: str, cfg: TrainConfig, split: str):
-    if spec == "demo":
-        from ..demo.task import make_problems
+    from ..demo.tasks import TASKS
 
-        return make_problems(4096 if split == "train" else cfg.data.heldout_size, seed=cfg.seed, split=split)
+    if spec in TASKS:  # a built-in demo task ("demo", "demo_words")
+        n = 4096 if split == "train" else cfg.data.heldout_size
+        return TASKS[spec].make_problems(n, seed=cfg.seed, split=split)
     from ..data import load_problems
 
     fields = {}

@@ -18,8 +18,7 @@ def run_summary(run_dir: str | Path) -> dict[str, float | None]:
     tail = train_rows[-10:]
 
     def mean(key):
-        vals = [r[key] for r in tail if r.get(key) is not None]
-        return sum(vals) / len(vals) if vals else None
+        return _run_mean(tail, key)
 
     # the update's entropy where the objective computes it, else the rollout policy's (diagnostics)
     entropy = mean("actor/entropy")
@@ -33,8 +32,20 @@ def run_summary(run_dir: str | Path) -> dict[str, float | None]:
         "greedy_after": last_eval.get("eval/greedy_accuracy"),
         "entropy_final": entropy,
         "masked_fraction": mean("s2t/masked_fraction"),
+        "masked_fraction_run": _run_mean(train_rows, "s2t/masked_fraction"),
+        "silenced_tokens": _run_sum(train_rows, "s2t/silenced"),
         "train_time_s": sum(r.get("time/step", 0.0) for r in train_rows),
     }
+
+
+def _run_mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _run_sum(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return sum(vals) if vals else None
 
 
 def print_summary(run_dir: str | Path) -> None:
@@ -55,5 +66,7 @@ def print_summary(run_dir: str | Path) -> None:
     table.add_row("held-out accuracy (greedy), after RL", fmt(s["greedy_after"], True))
     table.add_row("entropy (last 10 steps)", fmt(s["entropy_final"]))
     table.add_row("S2T masked fraction (last 10 steps)", fmt(s["masked_fraction"]))
+    table.add_row("S2T masked fraction (whole run; the paper: ~1e-4)", fmt(s["masked_fraction_run"]))
+    table.add_row("S2T silenced tokens (whole run)", fmt(s["silenced_tokens"]))
     table.add_row("RL time (s)", f"{s['train_time_s']:.0f}")
     Console().print(table)
