@@ -140,7 +140,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                 with autocast:
                     # 5. log-probs of the rollout policy, at the rollout temperature (logits / T); a separate
                     # no-grad pass only when something needs them before the update's own first forward
-                    if not old_stats_from_update(cfg, batch, gate=gate, ref_model=ref_model):
+                    if not old_stats_from_update(cfg, batch, gate=gate, ref_model=ref_model, objective=objective):
                         compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size,
                                              device, with_collision=diagnostics.enabled, ref_model=ref_model)
                     metrics |= rollout_engine_mismatch(batch)  # vLLM vs trainer log-probs

@@ -160,7 +160,8 @@ def correct_rollout_engine(batch: RolloutBatch, tis_cap: float | None) -> dict[s
     return apply_tis(batch, tis_cap)
 
 
-def old_stats_from_update(cfg, batch: RolloutBatch, *, gate=None, ref_model=None) -> bool:
+def old_stats_from_update(cfg, batch: RolloutBatch, *, gate=None, ref_model=None,
+                          objective: TrainingObjective | None = None) -> bool:
     """True when ``update_policy``'s first forward can supply ``old_logprobs`` (and the rollout
     policy's entropy / collision) itself, so ``compute_old_logprobs`` would be a redundant forward.
 
@@ -169,9 +170,11 @@ def old_stats_from_update(cfg, batch: RolloutBatch, *, gate=None, ref_model=None
     log-prob pass), nothing is needed before the loss (no mini-batch-wide statistic or
     statistics-dependent loss mask, no engine log-probs to correct against: vLLM TIS), no
     reference or teacher pass shares the no-grad sweep, and no reuse gate (benchmark 3, issue 11).
+    ``objective``: the run's, built once (``objective_from_config(cfg)`` when None).
     """
+    objective = objective or objective_from_config(cfg)
     return (cfg.optim.mini_batch_prompts == cfg.rollout.prompts_per_step
-            and not objective_from_config(cfg).needs_statistics
+            and not objective.needs_statistics
             and batch.rollout_logprobs is None and gate is None and ref_model is None)
 
 

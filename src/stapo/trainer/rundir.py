@@ -28,11 +28,12 @@ from ..distributed import broadcast_object
 from ..errors import UserError
 from .checkpoint import STEP_DIR, checkpoint_dirs, resume_checkpoint
 from .logger import truncate_metrics
+from .trackers import IDS_FILE
 
 LOCK_FILE = ".lock"
 HISTORY = "config_history.jsonl"
 # What a new run writes; a re-run of a run name that left no checkpoint removes them (a clean start).
-RUN_OUTPUTS = ("metrics.jsonl", HISTORY, "rollouts", "plots", "tensorboard")
+RUN_OUTPUTS = ("metrics.jsonl", HISTORY, IDS_FILE, "rollouts", "plots", "tensorboard")
 # Keys a resumed run may not change, and why: the checkpoint's state depends on them.
 FROZEN_ON_RESUME = {
     "seed": "the data order and the saved RNG states come from it",

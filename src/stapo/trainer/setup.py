@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
+from ..data.prompts import tokenize_prompt
 from ..errors import UserError
 
 
@@ -129,7 +130,7 @@ def check_prompt_lengths(cfg: TrainConfig, train_set: list, heldout: list | None
         suspects = [i for i, p in enumerate(prompts) if len(p.encode()) + 16 > room]
         if not suspects:
             continue
-        ids = tokenizer([prompts[i] for i in suspects], add_special_tokens=False)["input_ids"]
+        ids = [tokenize_prompt(tokenizer, prompts[i]) for i in suspects]  # the ids training will feed
         length, i = max((len(x), i) for x, i in zip(ids, suspects))
         if length > room:
             raise UserError(
