@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ALGO ?= stapo
 SEED ?= 0
-# demo (bare arithmetic) or demo_words (worded solutions, STAPO's regime); runs configs/$(TASK).yaml
-TASK ?= demo
+# demo_words (worded solutions: STAPO's regime, where S2T finds spurious tokens) or demo (bare
+# arithmetic, where it finds almost none); runs configs/$(TASK).yaml
+TASK ?= demo_words
 PYTEST_ARGS ?=
 
 .PHONY: install test test-vllm test-verl demo lint clean

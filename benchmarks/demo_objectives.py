@@ -73,6 +73,7 @@ def train_command(args, base: Path, objective: str, options: dict, seed: int, na
         cmd.append(f"optim.lr={args.lr}")
     if options:
         cmd.append("objective.options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}")
+    cmd.extend(args.set)  # e.g. the arithmetic demo's geometry on demo_words: rollout.prompts_per_step=16 ...
     return [*cmd, "--quiet"]  # after the overrides: argparse ends the positionals at an option
 
 
@@ -128,6 +129,9 @@ def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[i
     cmd += f" --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs} --threads {args.threads}"
     cmd += (f" --steps {args.steps}" if args.steps else "") + (f" --lr {args.lr:g}" if args.lr else "")
     cmd += (f" --task {args.task}" if args.task != "demo" else "") + (" --sweep" if args.sweep else "")
+    if args.sweep or args.stress:
+        cmd += " --prob-thresholds " + " ".join(f"{t:g}" for t in args.prob_thresholds)
+    cmd += (" --set " + " ".join(args.set)) if args.set else ""
     if not args.stress and args.objectives != OBJECTIVES:
         cmd += " --objectives " + " ".join(args.objectives)
     steps = results[0]["steps"]
@@ -223,6 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--base-cache", type=Path, default=ROOT / "runs" / "_demo_base",
                    help="where `make demo` caches its base models (one folder per seed)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra config overrides for every run (e.g. optim.mini_batch_prompts=4)")
     p.add_argument("--markdown", type=Path, default=None, help="write the result fragment here")
     args = p.parse_args(argv)
     if args.stress and args.lr is None:

@@ -181,6 +181,34 @@ def test_stapo_loss_is_justrl_over_kept_tokens(small_rollouts):
     assert not torch.equal(policy_loss("justrl", logprobs, *args, mask)[0], stapo_loss)
 
 
+def test_demo_words_config_update_silences_tokens_over_its_whole_mini_batch(small_rollouts):
+    """configs/demo_words.yaml takes one optimizer mini-batch per step (M = P): the trainer's update
+    silences exactly the tokens S2T picks over the whole rollout batch, and that scope is what lets
+    the mask fire at this candidate rate; mini-batches of 4 prompts (the arithmetic demo's M) silence
+    fewer, since a lone candidate is never below its own entropy quantile."""
+    import copy
+
+    from stapo.config.train import build_config
+    from stapo.objectives.masks import s2t_candidates, s2t_mask
+    from stapo.trainer.phases import update_policy
+
+    model, _, batch = small_rollouts
+    prompts = len(batch) // 8
+    cfg = build_config("configs/demo_words.yaml", [f"rollout.prompts_per_step={prompts}",
+                                                   f"optim.mini_batch_prompts={prompts}"])
+    assert cfg.optim.mini_batch_prompts == cfg.rollout.prompts_per_step  # the config's own geometry
+    whole = s2t_mask(batch.old_logprobs, batch.old_entropy, batch.advantages, batch.response_mask)
+    assert int(whole.sum()) >= 1
+    policy = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr)
+    metrics = update_policy(policy, optimizer, batch, cfg, torch.device("cpu"), params_fresh=True)
+    assert metrics["s2t/silenced"] == int(whole.sum()) and metrics["train/optimizer_steps"] == 1
+    per_four = sum(int(s2t_mask(b.old_logprobs, b.old_entropy, b.advantages, b.response_mask).sum())
+                   for b in batch.split(4 * 8))
+    candidates = s2t_candidates(batch.old_logprobs, batch.advantages, batch.response_mask, 0.002)
+    assert per_four < int(whole.sum()) <= int(candidates.sum())
+
+
 def test_trainer_resolves_the_task_names(tmp_path):
     from stapo.config.train import build_config
     from stapo.trainer.setup import base_model_path, load_problem_sets
