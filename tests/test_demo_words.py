@@ -192,11 +192,12 @@ def test_demo_words_config_update_silences_tokens_over_its_whole_mini_batch(smal
     from stapo.objectives.masks import s2t_candidates, s2t_mask
     from stapo.trainer.phases import update_policy
 
+    shipped = build_config("configs/demo_words.yaml")
+    assert shipped.optim.mini_batch_prompts == shipped.rollout.prompts_per_step  # one mini-batch per step
     model, _, batch = small_rollouts
-    prompts = len(batch) // 8
+    prompts = len(batch) // 8  # the same geometry at the fixture's size
     cfg = build_config("configs/demo_words.yaml", [f"rollout.prompts_per_step={prompts}",
                                                    f"optim.mini_batch_prompts={prompts}"])
-    assert cfg.optim.mini_batch_prompts == cfg.rollout.prompts_per_step  # the config's own geometry
     whole = s2t_mask(batch.old_logprobs, batch.old_entropy, batch.advantages, batch.response_mask)
     assert int(whole.sum()) >= 1
     policy = copy.deepcopy(model).train()
