@@ -13,7 +13,14 @@ SUBCOMMANDS = {
     "data": "stapo.data.cli",
     "plot": "stapo.trainer.plots",
     "analyze": "stapo.diagnostics.cli",
+    "config": "stapo.config.cli",
 }
+
+
+def add_quiet_flag(parser: argparse.ArgumentParser) -> None:
+    """The one quiet flag of every command: ``--quiet`` (``-q``); ``--no-progress`` is the same flag."""
+    parser.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true",
+                        help="no progress output (--no-progress is the same flag)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,17 +3,21 @@
 As nanoGPT's configurator: unknown keys and wrong types are errors that name the
 key and what is allowed. Values on the command line are parsed as YAML scalars
 (``lr=1e-6``, ``rollout.n=4``, ``model.lora.target_modules=[q_proj,v_proj]``).
+
+An enum key (a ``Literal``) reads a value as the user means it: YAML turns ``on``/``off``,
+``yes``/``no`` and ``true``/``false`` into booleans, so a boolean (or any of those words, in any
+case) is the one allowed value spelt that way (``model.bf16_autocast=on`` is ``"on"``). An
+``Annotated[Literal[...], Aliases({...})]`` key also takes the aliases (``bf16`` for ``bfloat16``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
-
-import yaml
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from ..errors import UserError
 
@@ -22,10 +26,42 @@ class ConfigError(UserError, ValueError):
     """A config key or value is wrong; the message names the key."""
 
 
+class ValueRefused(ConfigError):
+    """``key`` holds a value outside what it allows; ``problem`` says what it must be (and what it got)."""
+
+    def __init__(self, key: str, problem: str):
+        self.key, self.problem = key, problem
+        super().__init__(f"config key {key!r} {problem}")
+
+    def under(self, prefix: str) -> ValueRefused:
+        """The same error for a dataclass that sits under ``prefix`` in the config."""
+        return ValueRefused(prefix + self.key, self.problem)
+
+
+class Aliases(dict):
+    """``Annotated`` metadata of a ``Literal`` key: other spellings -> the allowed value they mean."""
+
+
+BOOLEAN_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
+
+
+def type_hints(cls) -> dict[str, Any]:
+    """The fields' annotations of dataclass ``cls``, ``Annotated`` metadata kept."""
+    return _hints(cls)
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
 def from_dict(cls, data: dict | None, prefix: str = ""):
-    """Build dataclass ``cls`` from a (nested) dict, checking every key and type."""
+    """Build dataclass ``cls`` from a (nested) dict, checking every key and type.
+
+    A value refused by ``cls`` itself (its ``__post_init__``) is reported under ``prefix`` too.
+    """
     data = dict(data or {})
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -34,7 +70,10 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueRefused as err:
+        raise err.under(prefix) from None
 
 
 def to_dict(cfg) -> dict:
@@ -43,11 +82,13 @@ def to_dict(cfg) -> dict:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=v`` strings to a nested dict (in place) and return it."""
+    from .yamlfile import parse_yaml  # (it raises this module's ConfigError)
+
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. rollout.n=4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw, f"override {key.strip()!r}") if raw != "" else ""
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -68,10 +109,9 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    from .yamlfile import parse_yaml
+
+    data = parse_yaml(text, str(path))
     if data is None:  # an empty file would silently mean the schema defaults (P = 256, 1,024 new tokens)
         raise ConfigError(f"{path} is empty: give config keys, or omit the file to run the built-in demo")
     if not isinstance(data, dict):
@@ -89,11 +129,23 @@ def merge(base: dict, update: dict) -> dict:
 
 def _coerce(tp, value: Any, key: str):
     origin = get_origin(tp)
+    if origin is Annotated:
+        base, *extras = get_args(tp)
+        aliases = next((e for e in extras if isinstance(e, Aliases)), {})
+        if isinstance(value, str) and value.lower() in aliases:
+            value = aliases[value.lower()]
+        try:
+            return _coerce(base, value, key)
+        except ValueRefused as err:
+            if not aliases:
+                raise
+            also = ", ".join(f"{a} for {v}" for a, v in aliases.items())
+            raise ValueRefused(err.key, f"{err.problem} (also accepted: {also})") from None
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} is a section; give a mapping, got {value!r}")
+            raise ValueRefused(key, f"is a section; give a mapping, got {value!r}")
         return from_dict(tp, value, key + ".")
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -106,21 +158,18 @@ def _coerce(tp, value: Any, key: str):
             try:
                 return _coerce(arg, value, key)
             except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"config key {key!r}: {value!r} fits none of {tp}")
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else ValueRefused(key, f"must be one of the types {tp}; got {value!r}")
     if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"config key {key!r} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-        return value
+        return _literal(get_args(tp), value, key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+            raise ValueRefused(key, f"must be a list, got {value!r}")
         (item_tp, *_) = get_args(tp) or (Any,)
         return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+            raise ValueRefused(key, f"must be a mapping, got {value!r}")
         return dict(value)
     if tp is Any:
         return value
@@ -132,5 +181,23 @@ def _coerce(tp, value: Any, key: str):
         except ValueError:
             pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+        raise ValueRefused(key, f"must be {tp.__name__}, got {value!r} ({type(value).__name__})")
     return value
+
+
+def _literal(allowed: tuple, value: Any, key: str):
+    """The allowed value ``value`` spells: itself, the same word in another case, or an on/yes/true
+    (off/no/false) word or boolean for the allowed value of that truth."""
+    if not isinstance(value, bool) and value in allowed:
+        return value
+    words: set[str] = set()
+    if isinstance(value, bool):
+        words = set(BOOLEAN_WORDS[value])
+    elif isinstance(value, str):
+        words = {value.lower()}
+        words.update(*(w for w in BOOLEAN_WORDS.values() if value.lower() in w))
+    found = [a for a in allowed if isinstance(a, str) and a.lower() in words]
+    if len(found) == 1:
+        return found[0]
+    got = f"{value!r} (YAML reads on/yes/true and off/no/false as booleans)" if isinstance(value, bool) else repr(value)
+    raise ValueRefused(key, f"must be one of {', '.join(map(repr, allowed))}; got {got}")

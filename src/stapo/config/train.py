@@ -11,21 +11,24 @@ import copy
 import dataclasses
 from typing import Any, Literal
 
-from .schema import apply_overrides, from_dict, load_yaml, merge
+from .dtypes import Dtype
+from .fields import check_fields, option
+from .objective import choose_objective, is_preset_override, resolve_options
+from .schema import ConfigError, apply_overrides, from_dict, load_yaml
 
 
 @dataclasses.dataclass
 class LoraConfig:
-    r: int = 0  # 0 = full fine-tuning
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = option(0, ge=0)  # 0 = full fine-tuning
+    alpha: int = option(32, gt=0)
+    dropout: float = option(0.0, ge=0, lt=1)
     target_modules: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @dataclasses.dataclass
 class ModelConfig:
     name_or_path: str = "demo"  # hub id or local path; "demo" builds the built-in tiny model
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Dtype = "auto"  # auto: the checkpoint's own dtype
     bf16_autocast: Literal["auto", "on", "off"] = "auto"  # "auto": on where the device supports bf16 (CUDA)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -44,42 +47,43 @@ class DataConfig:
     use_chat_template: Literal["auto", "on", "off"] = "auto"
     shuffle: bool = True
     heldout: str | None = "demo"  # held-out problems for in-loop eval: "demo", a path/preset, or null
-    heldout_size: int = 256
+    heldout_size: int = option(256, ge=1)
 
 
 @dataclasses.dataclass
 class RolloutConfig:
     backend: Literal["hf", "vllm"] = "hf"
-    prompts_per_step: int = 256  # P
-    n: int = 8  # G samples per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
-    min_new_tokens: int = 0  # EOS suppressed before this many tokens (min = max fixes lengths, for benchmarks)
-    generation_batch_size: int = 64  # sequences per generate() call (HF)
+    prompts_per_step: int = option(256, ge=1)  # P
+    n: int = option(8, ge=1)  # G samples per prompt
+    temperature: float = option(1.0, gt=0)
+    top_p: float = option(1.0, gt=0, le=1)
+    max_new_tokens: int = option(1024, ge=1)
+    min_new_tokens: int = option(0, ge=0)  # EOS suppressed before this many tokens (min = max fixes lengths, for benchmarks)
+    generation_batch_size: int = option(64, ge=1)  # sequences per generate() call (HF)
     mask_truncated: bool = False  # drop length-truncated responses from the loss
     dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards and refill (off, as the paper)
-    max_refill_rounds: int = 4
+    max_refill_rounds: int = option(4, ge=0)
     vllm: dict[str, Any] = dataclasses.field(default_factory=dict)  # engine kwargs (gpu_memory_utilization, ...)
-    tis_cap: float | None = None  # truncated importance sampling cap C on π_train/π_rollout (vLLM); null = off
+    tis_cap: float | None = option(None, gt=0)  # truncated importance sampling cap C on π_train/π_rollout (vLLM); null = off
 
 
 @dataclasses.dataclass
 class RewardConfig:
     name: str = "math"  # "math", "dapo", or a user function "module:function"
     strict: bool = False  # math: require a \boxed{} answer
-    timeout: float = 2.0  # hard wall-clock limit per item, seconds
-    num_workers: int = 2
+    timeout: float = option(2.0, gt=0)  # hard wall-clock limit per item, seconds
+    num_workers: int = option(2, ge=1)
     format_weight: float = 0.0
     overlong_buffer: int | None = None  # DAPO soft overlong penalty: L_cache tokens before max_new_tokens
 
 
 @dataclasses.dataclass
 class ObjectiveConfig:
-    name: str = "stapo"  # a key of stapo.OBJECTIVES
+    name: str = "stapo"  # a key of stapo.OBJECTIVES; `preset=NAME` is the same choice
     advantage: str = "grpo"  # a key of stapo.advantages.ADVANTAGES: grpo, dr_grpo, rloo or a registered one
     # overrides of the objective's config dataclass, e.g. {prob_threshold: 0.01}; kl_coef > 0
     # loads a frozen reference copy of the initial policy for the KL term
+    # (checked by that dataclass; the built config holds all of them, resolved)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     # where S2T / 20-Entropy take their mask statistics on mini-batches after the first: "current"
     # (the paper: a no-grad pass of the current policy) or "rollout" (the rollout policy's, no pass)
@@ -88,23 +92,23 @@ class ObjectiveConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
+    lr: float = option(1e-6, gt=0)
+    warmup_steps: int = option(10, ge=0)
+    weight_decay: float = option(0.0, ge=0)
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
-    mini_batch_prompts: int = 64  # M: prompts per optimizer step
-    micro_batch_size: int = 16  # sequences per forward/backward (gradient accumulation)
-    ppo_epochs: int = 1
-    max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
+    grad_clip: float = option(1.0, gt=0)
+    mini_batch_prompts: int = option(64, ge=1)  # M: prompts per optimizer step
+    micro_batch_size: int = option(16, ge=1)  # sequences per forward/backward (gradient accumulation)
+    ppo_epochs: int = option(1, ge=1)
+    max_nonfinite_steps: int = option(5, ge=1)  # consecutive skipped steps before the run stops
 
 
 @dataclasses.dataclass
 class DiagnosticsConfig:
     enabled: bool = True
-    prob_threshold: float = 0.002  # quadrant cut on p (defaults to S2T's τ_p)
-    entropy_quantile: float = 0.75  # quadrant cut on H (defaults to S2T's q)
-    dump_every: int = 0  # write a rollout parquet every k steps; 0 = never
+    prob_threshold: float = option(0.002, gt=0, lt=1)  # quadrant cut on p (defaults to S2T's τ_p)
+    entropy_quantile: float = option(0.75, ge=0, le=1)  # quadrant cut on H (defaults to S2T's q)
+    dump_every: int = option(0, ge=0)  # write a rollout parquet every k steps; 0 = never
 
 
 @dataclasses.dataclass
@@ -128,26 +132,26 @@ class ReuseConfig:
     # vetoed when the z-score of the lm_head gradient's squared norm exceeds z_threshold (pass >= 2).
     # A pass is optim.ppo_epochs sweeps over the mini-batches, so a batch sees up to K·ppo_epochs sweeps.
     gate: Literal["none", "fixed", "dgg"] = "none"
-    max_reuse: int = 4  # K
-    window: int = 8  # W: accepted optimizer steps in the sliding window (persists across batches)
+    max_reuse: int = option(4, ge=1)  # K
+    window: int = option(8, ge=2)  # W: accepted optimizer steps in the sliding window (persists across batches)
     z_threshold: float = 0.5  # τ
     statistic: Literal["norm", "increment"] = "norm"  # window of g, or of its step-to-step increment Δg
-    eps: float = 1e-8  # z = (x − mean) / (std + eps), std with n − 1
+    eps: float = option(1e-8, gt=0)  # z = (x − mean) / (std + eps), std with n − 1
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 200
+    steps: int = option(200, ge=1)
     seed: int = 0
     output_dir: str = "runs"
     run_name: str | None = None  # default: "<objective>-s<seed>-<time>"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    threads: int = 0  # torch CPU threads; 0 = all free cores
-    log_every: int = 1
-    save_every: int = 50
-    keep_last: int = 2
-    eval_every: int = 0  # 0 = only before and after training
-    eval_samples: int = 1  # samples per held-out problem at the rollout temperature
+    threads: int = option(0, ge=0)  # torch CPU threads; 0 = all free cores
+    log_every: int = option(1, ge=1)
+    save_every: int = option(50, ge=1)
+    keep_last: int = option(2, ge=1)
+    eval_every: int = option(0, ge=0)  # 0 = only before and after training
+    eval_samples: int = option(1, ge=1)  # samples per held-out problem at the rollout temperature
     # console (progress bar / plain lines) and experiment trackers: any of console, wandb, trackio,
     # mlflow, tensorboard; each tracker is an extra (pip install 'stapo[wandb]'), see trainer/trackers.py
     logger: list[str] = dataclasses.field(default_factory=lambda: ["console"])
@@ -176,36 +180,23 @@ DEMO: dict[str, Any] = {
     "data": {"train": "demo", "heldout": "demo", "template": "none", "heldout_size": 256},
     "rollout": {"prompts_per_step": 16, "n": 8, "max_new_tokens": 40, "generation_batch_size": 128},
     "optim": {"lr": 5e-5, "warmup_steps": 0, "mini_batch_prompts": 4, "micro_batch_size": 64},  # M = P/4, as 256/64
-    "objective": {"options": {}},
     "diagnostics": {"dump_every": 50},
     "distill": {"hint_template": "demo"},  # only read by the self-distillation objectives
-}
-
-# Presets: objective name -> the paper's hyperparameters for that baseline.
-PRESETS: dict[str, dict[str, Any]] = {
-    "stapo": {"objective": {"name": "stapo", "advantage": "grpo"}},
-    "justrl": {"objective": {"name": "justrl", "advantage": "grpo"}},
-    "grpo": {"objective": {"name": "grpo", "advantage": "grpo"}},
-    "dapo": {"objective": {"name": "dapo", "advantage": "grpo"}},
-    "dr_grpo": {"objective": {"name": "dr_grpo", "advantage": "dr_grpo"}},
-    "entropy20": {"objective": {"name": "entropy20", "advantage": "grpo"}},
 }
 
 
 def build_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Config from the demo defaults (no path) or a YAML file, then ``a.b=v`` overrides.
 
-    A ``preset: NAME`` key (in the file or as an override) applies that preset first.
+    Precedence (``stapo.config.objective``): the file (its own ``preset:`` under it), then an objective
+    chosen on the command line (``preset=X`` or ``objective.name=X``, with X's own defaults), then
+    the command line's keys. The objective's options are checked by its config dataclass and stored
+    resolved, so ``cfg.objective.options`` (and the run's ``config.yaml``) hold every setting in force.
     """
+    overrides = list(overrides or [])
     data: dict[str, Any] = copy.deepcopy(DEMO) if path is None else load_yaml(path)
-    data = apply_overrides(data, list(overrides or []))
-    preset = data.pop("preset", None)
-    if preset is not None:
-        if preset not in PRESETS:
-            from .schema import ConfigError
-
-            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        data = merge(PRESETS[preset], data)
+    data = choose_objective(data, overrides)
+    data = apply_overrides(data, [o for o in overrides if not is_preset_override(o)])
     cfg = from_dict(TrainConfig, data)
     _validate(cfg)
     return cfg
@@ -217,86 +208,18 @@ def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-# Numeric ranges, checked in order (mini_batch_prompts >= 1 before anything divides by it).
-# (key, lower bound, lower bound allowed?, upper bound, upper bound allowed?); None = unbounded.
-RANGES: list[tuple[str, float | None, bool, float | None, bool]] = [
-    ("steps", 1, True, None, False),
-    ("save_every", 1, True, None, False),
-    ("log_every", 1, True, None, False),
-    ("keep_last", 1, True, None, False),
-    ("eval_every", 0, True, None, False),
-    ("eval_samples", 1, True, None, False),
-    ("threads", 0, True, None, False),
-    ("model.lora.r", 0, True, None, False),
-    ("model.lora.alpha", 0, False, None, False),
-    ("model.lora.dropout", 0, True, 1, False),
-    ("data.heldout_size", 1, True, None, False),
-    ("rollout.prompts_per_step", 1, True, None, False),
-    ("rollout.n", 1, True, None, False),
-    ("rollout.temperature", 0, False, None, False),  # RL needs T > 0: the loss uses logits / T
-    ("rollout.top_p", 0, False, 1, True),
-    ("rollout.max_new_tokens", 1, True, None, False),
-    ("rollout.min_new_tokens", 0, True, None, False),
-    ("rollout.generation_batch_size", 1, True, None, False),
-    ("rollout.max_refill_rounds", 0, True, None, False),
-    ("reward.timeout", 0, False, None, False),
-    ("reward.num_workers", 1, True, None, False),
-    ("reward.format_weight", None, False, None, False),  # finite
-    ("optim.lr", 0, False, None, False),
-    ("optim.warmup_steps", 0, True, None, False),
-    ("optim.weight_decay", 0, True, None, False),
-    ("optim.grad_clip", 0, False, None, False),
-    ("optim.mini_batch_prompts", 1, True, None, False),
-    ("optim.micro_batch_size", 1, True, None, False),
-    ("optim.ppo_epochs", 1, True, None, False),
-    ("optim.max_nonfinite_steps", 1, True, None, False),
-    ("diagnostics.prob_threshold", 0, False, 1, False),
-    ("diagnostics.entropy_quantile", 0, True, 1, True),
-    ("diagnostics.dump_every", 0, True, None, False),
-    ("reuse.max_reuse", 1, True, None, False),
-    ("reuse.window", 2, True, None, False),  # the z-score needs a standard deviation
-    ("reuse.z_threshold", None, False, None, False),
-    ("reuse.eps", 0, False, None, False),
-]
-
-
-def _check_ranges(cfg: TrainConfig) -> None:
-    import math
-
-    from .schema import ConfigError
-
-    def bound(lo, lo_ok, hi, hi_ok) -> str:
-        left = "" if lo is None else f"{'>=' if lo_ok else '>'} {lo}"
-        right = "" if hi is None else f"{'<=' if hi_ok else '<'} {hi}"
-        return " and ".join(x for x in (left, right) if x) or "finite"
-
-    for key, lo, lo_ok, hi, hi_ok in RANGES:
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        ok = math.isfinite(value)
-        ok = ok and (lo is None or (value >= lo if lo_ok else value > lo))
-        ok = ok and (hi is None or (value <= hi if hi_ok else value < hi))
-        if not ok:
-            raise ConfigError(f"config key {key!r} must be {bound(lo, lo_ok, hi, hi_ok)}; got {value!r}")
-    betas = cfg.optim.betas
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1); got {betas!r}")
-
-
 def _validate(cfg: TrainConfig) -> None:
     from ..objectives import OBJECTIVES, get_objective
-    from .schema import ConfigError
 
     if cfg.objective.name not in OBJECTIVES:
         raise ConfigError(
             f"config key 'objective.name' must be one of {', '.join(OBJECTIVES)}; got {cfg.objective.name!r}"
         )
-    try:
-        get_objective(cfg.objective.name).config(**cfg.objective.options)
-    except TypeError as err:
-        raise ConfigError(f"config key 'objective.options': {err}") from None
-    _check_ranges(cfg)
+    check_fields(cfg)  # every key's type and declared range, before anything divides by one
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1); got {betas!r}")
+    resolve_options(cfg)  # the objective's own config dataclass checks objective.options
     from ..advantages import ADVANTAGES
 
     if cfg.objective.advantage not in ADVANTAGES:
@@ -308,7 +231,6 @@ def _validate(cfg: TrainConfig) -> None:
          (f"rollout.prompts_per_step ({r.prompts_per_step}) must be a multiple of "
           f"optim.mini_batch_prompts ({o.mini_batch_prompts})")),
         (r.min_new_tokens <= r.max_new_tokens, "rollout.min_new_tokens must be in [0, rollout.max_new_tokens]"),
-        (r.tis_cap is None or r.tis_cap > 0, "rollout.tis_cap must be > 0 (or null to disable TIS)"),
         (cfg.reward.overlong_buffer is None or 0 <= cfg.reward.overlong_buffer <= r.max_new_tokens,
          "reward.overlong_buffer must be in [0, rollout.max_new_tokens] (0 or null: no penalty)"),
         (not (r.backend == "vllm" and cfg.parallel.strategy == "fsdp2"),

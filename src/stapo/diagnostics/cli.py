@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli import add_quiet_flag
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -28,6 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--theory-tokens", type=int, default=512, help="tokens checked at the logit level")
     p.add_argument("--theory-model-tokens", type=int, default=64, help="tokens given a whole-model step")
     p.add_argument("--seed", type=int, default=0)
+    add_quiet_flag(p)
     p.set_defaults(func=run)
     return p
 

@@ -13,6 +13,8 @@ import re
 import sys
 from pathlib import Path
 
+from ..cli import add_quiet_flag
+from ..config.dtypes import SPELLINGS, dtype_argument
 from .settings import DECODING_PRESETS, PAPER_BENCHMARKS
 
 
@@ -74,8 +76,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "bf16", "fp16", "fp32"],
-        help="weights dtype (default: auto = bf16 on a GPU that has it, else fp32)",
+        type=dtype_argument,
+        help=f"weights dtype: {SPELLINGS} (default: auto = bf16 on a GPU that has it, else fp32)",
     )
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     p.add_argument("--reward-workers", type=int, default=2, help="verifier processes (default: 2)")
@@ -91,7 +93,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="output directory (default: eval_runs/<model name>; with --run: RUN/eval/step_*)",
     )
     p.add_argument("--every", type=int, default=None, help="with --run: only steps divisible by K")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_quiet_flag(p)
     p.set_defaults(func=run)
     return p
 
@@ -169,7 +171,7 @@ def _run(args) -> int:
         print(f"stapo eval: --backend vllm: {INSTALL_HINT}", file=sys.stderr)  # before loading anything
         return 2
     problems = load_problems(settings.benchmarks, args.data_dir, settings.limit)
-    progress = not args.no_progress
+    progress = not args.quiet
     if args.run:
         from .checkpoints import evaluate_checkpoints, summarize_steps
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+from ..config.dtypes import canonical_dtype, torch_dtype
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -14,15 +14,18 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def resolve_dtype(dtype: str, device: str):
-    """``auto`` is bf16 on a GPU that supports it (the paper's training precision), else fp32."""
+    """``auto`` is bf16 on a GPU that supports it (the paper's training precision), else fp32; any
+    spelling of ``stapo.config.dtypes`` (``bf16`` or ``bfloat16``, ...)."""
     import torch
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype: choose from {DTYPES}, got {dtype!r}")
+    try:
+        dtype = canonical_dtype(dtype)
+    except ValueError as err:
+        raise ValueError(f"--dtype: {err}") from None
     if dtype == "auto":
         cuda_bf16 = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    return torch_dtype(dtype)
 
 
 def load_tokenizer(path: str):
@@ -63,7 +66,7 @@ def load_for_eval(
 
     if backend == "vllm":
         tok = load_tokenizer(path)
-        vllm_dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+        vllm_dtype = canonical_dtype(dtype)  # vLLM takes torch's names
         # eval has the GPU to itself (no trainer beside the engine), so give vLLM most of it
         gen = make_generator(
             "vllm", None, tok, model_path=path, dtype=vllm_dtype, gpu_memory_utilization=0.85

@@ -36,8 +36,9 @@ import math
 
 import torch
 
+from ..config.fields import option, statistic
 from .losses import LOG_RATIO_CLAMP, JustRLConfig, _clip_objective, _masked_mean
-from .masks import _check_level, expand_advantages
+from .masks import expand_advantages
 from .registry import register_objective
 
 DELTA_NORMS = ("standardize", "none")
@@ -47,31 +48,19 @@ DELTA_NORMS = ("standardize", "none")
 class SelfDistillConfig(JustRLConfig):
     beta: float = 0.1  # β, weight of the teacher term in Â (issue 10's default; swept in benchmarks/dasd_demo.py)
     # "standardize": δ̄ = (δ − μ_δ) / σ_δ over the mini-batch's valid tokens (stapo's default); "none": δ̄ = δ
-    delta_norm: str = "standardize"
+    delta_norm: str = option("standardize", choices=DELTA_NORMS)
     # μ_δ, σ_δ of the whole optimizer mini-batch (set by the trainer via ``minibatch_overrides``);
     # None = this batch's own, which makes the result depend on the micro-batch split
-    delta_mean: float | None = None
-    delta_std: float | None = None
-
-    def __post_init__(self):
-        if self.delta_norm not in DELTA_NORMS:
-            raise ValueError(f"delta_norm must be one of {DELTA_NORMS}, got {self.delta_norm!r}")
-        if not math.isfinite(self.beta):
-            raise ValueError(f"beta must be finite, got {self.beta}")
+    delta_mean: float | None = statistic()
+    delta_std: float | None = statistic()
 
 
 @dataclasses.dataclass(frozen=True)
 class DASDConfig(SelfDistillConfig):
     # τ: per-trajectory entropy quantile; tokens above it are repelled. 0.8 = "top 20% pushed away",
     # stapo's reading of the paper's ρ = 0.2 (a setting because the paper's exact rule is not public)
-    router_quantile: float = 0.8
-    mad_eps: float = 1e-6  # floor of σ_H, so a trajectory with equal entropies gets ω = 0, not 0/0
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_level("router_quantile", self.router_quantile)
-        if not self.mad_eps > 0:
-            raise ValueError(f"mad_eps must be > 0, got {self.mad_eps}")
+    router_quantile: float = option(0.8, ge=0, le=1)
+    mad_eps: float = option(1e-6, gt=0)  # floor of σ_H, so a trajectory with equal entropies gets ω = 0, not 0/0
 
 
 # --- the evidence gap and its normalisation -------------------------------------------------------

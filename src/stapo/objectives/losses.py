@@ -16,7 +16,8 @@ import dataclasses
 
 import torch
 
-from .aggregate import agg_loss
+from ..config.fields import check_fields, option, statistic
+from .aggregate import AGG_MODES, agg_loss
 from .masks import (
     expand_advantages,
     high_entropy_mask,
@@ -31,14 +32,19 @@ from .registry import register_objective
 LOG_RATIO_CLAMP = 20.0  # keeps exp() finite for stale tokens (verl clamps the same way)
 
 
+# Each option's allowed values sit beside its default (``stapo.config.fields.option``) and are checked
+# when a config is built, from Python or from `objective.options` (verl's dual clip needs c > 1).
 @dataclasses.dataclass(frozen=True)
 class ClipConfig:
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    clip_ratio_c: float | None = None  # dual-clip constant for A < 0; None = off
-    loss_agg_mode: str = "token-mean"
-    kl_coef: float = 0.0  # β of the k3 KL to a reference policy; 0 = no reference needed
-    norm_length: int | None = None  # L of seq-mean-token-sum-norm; None = the tensor's T
+    clip_low: float = option(0.2, ge=0, lt=1)
+    clip_high: float = option(0.2, ge=0)
+    clip_ratio_c: float | None = option(None, gt=1)  # dual-clip constant for A < 0; None = off
+    loss_agg_mode: str = option("token-mean", choices=AGG_MODES)
+    kl_coef: float = option(0.0, ge=0)  # β of the k3 KL to a reference policy; 0 = no reference needed
+    norm_length: int | None = option(None, ge=1)  # L of seq-mean-token-sum-norm; None = the tensor's T
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,24 +72,19 @@ class JustRLConfig(ClipConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Entropy20Config(JustRLConfig):
-    top_ratio: float = 0.2
+    top_ratio: float = option(0.2, gt=0, le=1)
     # "selected": divide by the kept tokens (the released code); "all": by all valid tokens
     # (the paper's formula). "selected" is the default so a kept token gets the same step
     # as under the `justrl` baseline it ablates, and it reproduces the published runs.
-    normalize_by: str = "selected"
-    entropy_threshold: float | None = None  # mini-batch-wide cut; None = this batch's own
-
-    def __post_init__(self):
-        # checked here so `loss_token_mask` (which never calls the loss) rejects a typo too
-        if self.normalize_by not in ("selected", "all"):
-            raise ValueError(f"normalize_by must be 'selected' or 'all', got {self.normalize_by!r}")
+    normalize_by: str = option("selected", choices=("selected", "all"))
+    entropy_threshold: float | None = statistic()  # mini-batch-wide cut; None = this batch's own
 
 
 @dataclasses.dataclass(frozen=True)
 class STAPOConfig(JustRLConfig):
-    prob_threshold: float = 0.002  # τ_p
-    entropy_quantile: float = 0.75  # q
-    entropy_threshold: float | None = None  # τ_h from the whole mini-batch; None = this batch's own
+    prob_threshold: float = option(0.002, ge=0, le=1)  # τ_p (0: no candidates, exactly justrl)
+    entropy_quantile: float = option(0.75, ge=0, le=1)  # q
+    entropy_threshold: float | None = statistic()  # τ_h from the whole mini-batch; None = this batch's own
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, cfg: ClipConfig):

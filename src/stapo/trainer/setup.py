@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TrainConfig
+from ..config import TrainConfig, torch_dtype
 from ..data.prompts import tokenize_prompt
 from ..errors import UserError
 
@@ -95,10 +95,9 @@ def load_policy(cfg: TrainConfig, device: torch.device, checkpoint: Path | None 
     """(model, tokenizer) on ``device``; LoRA-wrapped if ``model.lora.r > 0``; weights from ``checkpoint``."""
     from transformers import AutoModelForCausalLM
 
-    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     model_source, tokenizer_source = _sources(cfg, checkpoint)
     model = AutoModelForCausalLM.from_pretrained(
-        model_source, dtype=dtype[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code
+        model_source, dtype=torch_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code
     )
     tokenizer = load_tokenizer(cfg, tokenizer_source)
     if cfg.model.gradient_checkpointing:
