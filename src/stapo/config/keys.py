@@ -18,7 +18,6 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from .fields import field_bounds, options_of
 from .schema import Aliases, type_hints
 
-
 KEYS_HERE = "<<config keys>>"  # where a help text takes the listing (built only when help is shown)
 
 
