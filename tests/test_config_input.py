@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Literal, get_args, get_origin
@@ -19,7 +20,7 @@ from stapo.cli import build_parser, main
 from stapo.config import ConfigError, TrainConfig, build_config, canonical_dtype
 from stapo.config.fields import field_bounds, is_statistic, options_of
 from stapo.config.keys import config_keys
-from stapo.config.schema import BOOLEAN_WORDS, Aliases
+from stapo.config.schema import BOOLEAN_WORDS, TRUTH_VALUES, Aliases
 from stapo.eval.loading import resolve_dtype
 from stapo.objectives import OBJECTIVES, STAPOConfig
 
@@ -27,17 +28,26 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = {w: truth for truth, words in BOOLEAN_WORDS.items() for w in words}  # on/yes/true, off/no/false
 
 
-def enum_keys(cls=TrainConfig, prefix=""):
-    """(dotted key, allowed values, aliases) of every Literal key, walking the dataclasses."""
+def leaf_keys(cls=TrainConfig, prefix=""):
+    """(dotted key, annotation) of every leaf key, walking the dataclasses."""
     for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+        if dataclasses.is_dataclass(tp):
+            yield from leaf_keys(tp, f"{prefix}{name}.")
+        else:
+            yield prefix + name, tp
+
+
+def enum_keys():
+    """(dotted key, allowed values, aliases) of every Literal key (also under Annotated or | None)."""
+    for key, tp in leaf_keys():
         aliases = {}
         if get_origin(tp) is Annotated:
             tp, *extras = get_args(tp)
             aliases = next((e for e in extras if isinstance(e, Aliases)), {})
-        if dataclasses.is_dataclass(tp):
-            yield from enum_keys(tp, f"{prefix}{name}.")
-        elif get_origin(tp) is Literal:
-            yield prefix + name, get_args(tp), aliases
+        literals = [a for a in (get_args(tp) if get_origin(tp) in (typing.Union, types.UnionType) else (tp,))
+                    if get_origin(a) is Literal]
+        if literals:
+            yield key, get_args(literals[0]), aliases
 
 
 def get(cfg, key):
@@ -65,19 +75,35 @@ def test_the_walk_finds_the_enum_keys():
 def test_every_enum_key_reads_each_spelling_on_the_command_line_and_in_a_file(key, allowed, aliases, tmp_path):
     spellings = {v: v for v in allowed} | {v.upper(): v for v in allowed} | dict(aliases)
     for word, truth in WORDS.items():  # YAML reads these as booleans; they mean the value of that truth
-        meant = [v for v in allowed if v in BOOLEAN_WORDS[truth]]
+        meant = [v for v in allowed if v in TRUTH_VALUES[truth]]  # e.g. on -> "on", off -> "off" or "none"
         if meant:
             spellings |= {word: meant[0], word.capitalize(): meant[0], f'"{word}"': meant[0]}
+        else:  # no value of that truth: refused, and the message says why YAML made it a boolean
+            with pytest.raises(ConfigError, match=rf"'{key}' must be one of .*got {truth} \(YAML reads on/yes/true"):
+                build_config(None, [f"{key}={word}"])
     path = tmp_path / "c.yaml"
     for typed, meant in spellings.items():
         assert get(build_config(None, [f"{key}={typed}"]), key) == meant, (key, typed)
         path.write_text(yaml.safe_dump(nested(key, "PLACEHOLDER")).replace("PLACEHOLDER", typed))
         assert get(build_config(str(path)), key) == meant, (key, typed, path.read_text())
-    if not any(v in BOOLEAN_WORDS[True] + BOOLEAN_WORDS[False] for v in allowed):  # no value means "on"
-        with pytest.raises(ConfigError, match=rf"'{key}' must be one of .*got True \(YAML reads on/yes/true"):
-            build_config(None, [f"{key}=on"])
     with pytest.raises(ConfigError, match=rf"'{key}' must be one of"):
         build_config(None, [f"{key}=no_such_value"])
+
+
+BOOLS = [key for key, tp in leaf_keys() if tp is bool]
+
+
+def test_every_bool_key_reads_each_spelling_bare_or_quoted(tmp_path):
+    assert {"model.gradient_checkpointing", "data.shuffle", "rollout.dynamic_sampling"} <= set(BOOLS)
+    path = tmp_path / "c.yaml"
+    for key in BOOLS:
+        for word, truth in WORDS.items():
+            for typed in (word, word.upper(), f'"{word}"'):
+                assert get(build_config(None, [f"{key}={typed}"]), key) is truth, (key, typed)
+            path.write_text(yaml.safe_dump(nested(key, "PLACEHOLDER")).replace("PLACEHOLDER", f"'{word}'"))
+            assert get(build_config(str(path)), key) is truth, (key, word)
+        with pytest.raises(ConfigError, match=rf"'{key}' must be bool, got 'maybe'"):
+            build_config(None, [f"{key}=maybe"])
 
 
 def test_one_dtype_vocabulary_in_train_and_eval():
@@ -204,14 +230,7 @@ def test_the_objective_dataclasses_check_themselves_from_python_too():
 
 def test_every_key_is_listed_with_type_default_and_allowed_values(capsys):
     keys = {k.key: k for k in config_keys()}
-    walked = set()
-
-    def walk(cls, prefix=""):
-        for f in dataclasses.fields(cls):
-            tp = typing.get_type_hints(cls)[f.name]
-            walk(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else walked.add(prefix + f.name)
-
-    walk(TrainConfig)
+    walked = {key for key, _ in leaf_keys()}
     assert set(keys) == walked
     assert (keys["rollout.top_p"].type, keys["rollout.top_p"].default, keys["rollout.top_p"].allowed) == (
         "float", "1.0", "> 0 and <= 1")
@@ -227,5 +246,6 @@ def test_every_key_is_listed_with_type_default_and_allowed_values(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = capsys.readouterr().out
-    for key in walked:
+    for key in [*walked, "preset"]:
         assert f"\n  {key} " in help_text, key
+    assert "\n  objective.options.norm_length    int | null    rollout.max_new_tokens " in listing

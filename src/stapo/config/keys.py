@@ -61,14 +61,24 @@ def config_keys(cls=None, prefix: str = "") -> list[Key]:
     return keys
 
 
+def preset_key() -> Key:
+    """``preset``: not a field of the config but a choice of ``objective.name`` (``stapo.config.objective``)."""
+    return Key("preset", "str | null", "null", _registry_names("objective.name"),
+               "objective.name=NAME with that objective's own defaults (docs/recipes.md)")
+
+
 def objective_keys() -> dict[str, list[Key]]:
-    """``objective.options.*`` of each registered objective: {objective name: its option keys}."""
+    """``objective.options.*`` of each registered objective: {objective name: its option keys}. An
+    option whose default a train config fills in (``FROM_TRAIN_CONFIG``) shows that key as its default."""
     from ..objectives import OBJECTIVES
+    from .objective import FROM_TRAIN_CONFIG
 
     out = {}
     for name, spec in OBJECTIVES.items():
         keep = set(options_of(spec.config_cls))
-        out[name] = [k for k in config_keys(spec.config_cls, "objective.options.") if k.key.rsplit(".", 1)[1] in keep]
+        keys = [k for k in config_keys(spec.config_cls, "objective.options.") if k.key.rsplit(".", 1)[1] in keep]
+        out[name] = [dataclasses.replace(k, default=FROM_TRAIN_CONFIG.get(k.key.rsplit(".", 1)[1], k.default))
+                     for k in keys]
     return out
 
 
@@ -82,8 +92,9 @@ def format_keys(keys: list[Key], indent: str = "  ") -> str:
 def keys_text(with_objective_options: bool = True) -> str:
     """The whole listing: every ``TrainConfig`` key, then each objective's options (or their names)."""
     header = ("config keys (KEY=VALUE on the command line, or nested in a YAML file):\n"
-              "  enum keys also read on/yes/true and off/no/false as the allowed value of that truth\n")
-    parts = [header + format_keys(config_keys())]
+              "  enum keys also read on/yes/true and off/no/false as the allowed value of that truth\n"
+              "  (off is none where the enum has no off); bool keys read them quoted too\n")
+    parts = [header + format_keys([preset_key(), *config_keys()])]
     for name, keys in objective_keys().items():
         if with_objective_options:
             parts.append(f"objective.options of {name} (objective.name={name} or preset={name}):\n" + format_keys(keys))

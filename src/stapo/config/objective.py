@@ -18,6 +18,7 @@ force, so the run's ``config.yaml`` and ``objective_line`` say exactly what trai
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 from .fields import is_statistic, options_of
@@ -27,6 +28,9 @@ from .schema import ConfigError, apply_overrides, from_dict, merge
 PAPER_OBJECTIVES = ("stapo", "justrl", "grpo", "entropy20", "dapo", "dr_grpo")
 # The advantage estimator each objective's paper uses; "grpo" (group mean and std) unless listed.
 PAPER_ADVANTAGE = {"dr_grpo": "dr_grpo"}  # Dr. GRPO (arXiv 2503.20783): no division by the std
+# Options whose default is a key of the train config: Dr. GRPO's constant normaliser L is the
+# generation budget, as the trainer sets it (``stapo.objectives.training.objective_from_config``)
+FROM_TRAIN_CONFIG = {"norm_length": "rollout.max_new_tokens"}
 
 
 def objective_section(name: str) -> dict[str, Any]:
@@ -64,8 +68,7 @@ def choose_objective(data: dict, overrides: list[str]) -> dict:
 def resolve_options(cfg) -> None:
     """Check ``cfg.objective.options`` with the objective's config dataclass; store all its options.
 
-    Dr. GRPO's constant ``norm_length`` defaults to the generation budget (``rollout.max_new_tokens``),
-    as the trainer sets it (``stapo.objectives.training.objective_from_config``).
+    An option left unset takes its value from ``FROM_TRAIN_CONFIG`` where it is listed there.
     """
     from ..objectives import get_objective
 
@@ -79,8 +82,9 @@ def resolve_options(cfg) -> None:
         if key not in allowed:
             raise ConfigError(f"unknown config key 'objective.options.{key}': objective {spec.name!r} has no such "
                               f"option; its options: {', '.join(allowed)}")
-    if "norm_length" in allowed:
-        given.setdefault("norm_length", cfg.rollout.max_new_tokens)
+    for option, source in FROM_TRAIN_CONFIG.items():
+        if option in allowed:
+            given.setdefault(option, attrgetter(source)(cfg))
     settings = from_dict(cls, given, "objective.options.")
     cfg.objective.options = {key: getattr(settings, key) for key in allowed}
 

@@ -6,7 +6,8 @@ key and what is allowed. Values on the command line are parsed as YAML scalars
 
 An enum key (a ``Literal``) reads a value as the user means it: YAML turns ``on``/``off``,
 ``yes``/``no`` and ``true``/``false`` into booleans, so a boolean (or any of those words, in any
-case) is the one allowed value spelt that way (``model.bf16_autocast=on`` is ``"on"``). An
+case) is the one allowed value of that truth (``model.bf16_autocast=on`` is ``"on"``,
+``reuse.gate=off`` is ``"none"``). A bool key reads the same words quoted (``"yes"``). An
 ``Annotated[Literal[...], Aliases({...})]`` key also takes the aliases (``bf16`` for ``bfloat16``).
 """
 
@@ -43,6 +44,9 @@ class Aliases(dict):
 
 
 BOOLEAN_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
+WORD_TRUTH = {w: truth for truth, words in BOOLEAN_WORDS.items() for w in words}
+# the enum values a truth may mean: an enum whose "off" is spelt "none" (reuse.gate, parallel.strategy)
+TRUTH_VALUES = {True: BOOLEAN_WORDS[True], False: (*BOOLEAN_WORDS[False], "none")}
 
 
 def type_hints(cls) -> dict[str, Any]:
@@ -175,6 +179,8 @@ def _coerce(tp, value: Any, key: str):
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is bool and isinstance(value, str) and value.lower() in WORD_TRUTH:  # a quoted "on" / "no"
+        return WORD_TRUTH[value.lower()]
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-6" as a string
             return float(value)
@@ -187,15 +193,13 @@ def _coerce(tp, value: Any, key: str):
 
 def _literal(allowed: tuple, value: Any, key: str):
     """The allowed value ``value`` spells: itself, the same word in another case, or an on/yes/true
-    (off/no/false) word or boolean for the allowed value of that truth."""
+    (off/no/false) word or boolean for the allowed value of that truth (``TRUTH_VALUES``)."""
     if not isinstance(value, bool) and value in allowed:
         return value
-    words: set[str] = set()
-    if isinstance(value, bool):
-        words = set(BOOLEAN_WORDS[value])
-    elif isinstance(value, str):
-        words = {value.lower()}
-        words.update(*(w for w in BOOLEAN_WORDS.values() if value.lower() in w))
+    words: set[str] = {value.lower()} if isinstance(value, str) else set()
+    truth = value if isinstance(value, bool) else WORD_TRUTH.get(value.lower()) if isinstance(value, str) else None
+    if truth is not None:
+        words |= set(TRUTH_VALUES[truth])
     found = [a for a in allowed if isinstance(a, str) and a.lower() in words]
     if len(found) == 1:
         return found[0]

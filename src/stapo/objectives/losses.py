@@ -41,7 +41,7 @@ class ClipConfig:
     clip_ratio_c: float | None = option(None, gt=1)  # dual-clip constant for A < 0; None = off
     loss_agg_mode: str = option("token-mean", choices=AGG_MODES)
     kl_coef: float = option(0.0, ge=0)  # β of the k3 KL to a reference policy; 0 = no reference needed
-    norm_length: int | None = option(None, ge=1)  # L of seq-mean-token-sum-norm; None = the tensor's T
+    norm_length: int | None = option(None, ge=1)  # L of seq-mean-token-sum-norm; None = T (stapo train: max_new_tokens)
 
     def __post_init__(self):
         check_fields(self)
