@@ -249,3 +249,20 @@ def test_every_key_is_listed_with_type_default_and_allowed_values(capsys):
     for key in [*walked, "preset"]:
         assert f"\n  {key} " in help_text, key
     assert "\n  objective.options.norm_length    int | null    rollout.max_new_tokens " in listing
+
+
+HOSTILE = ["", "null", "on", "[1]", "{1: 2}", "{a: [1]}", ".inf", ".nan", "1e400", "abc", "[]", "{}",
+           "[[[[[[[[]]]]]]]]", "!!python/object/apply:os.system [echo]", "*undefined", "2024-01-01"]
+SLOTS = ["steps", "objective", "objective.name", "objective.options", "objective.options.clip_low", "preset",
+         "diagnostics", "rollout.vllm", "optim.betas", "model.lora.target_modules", "reward.overlong_buffer"]
+
+
+@pytest.mark.parametrize("slot", SLOTS)
+def test_any_typed_value_is_built_or_refused_as_a_config_error(slot):
+    """No value typed for a key reaches a raw TypeError/KeyError (each once ended in a traceback)."""
+    for value in HOSTILE:
+        for extra in ([], ["preset=grpo"]):
+            try:
+                build_config(None, [f"{slot}={value}", *extra])
+            except ConfigError:
+                pass

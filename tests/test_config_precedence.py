@@ -98,6 +98,9 @@ def test_precedence_file_then_chosen_objective_then_overrides(tmp_path):
         build_config(str(path), ["preset=grpo", "objective.name=dapo"])
     with pytest.raises(ConfigError, match="unknown preset 'ppo2'; choose one of .*stapo"):
         build_config(str(path), ["preset=ppo2"])
+    for typed in ("preset=[a]", "objective.name.x=1", "objective.name=5"):  # not a name at all: still one line
+        with pytest.raises(ConfigError, match=r"unknown preset \['a'\]|'objective.name' must be one of .*; got"):
+            build_config(str(path), [typed])
     # a preset key inside a file sits under that file's own keys; one on the command line wins over both
     path.write_text("preset: justrl\nobjective:\n  options: {clip_low: 0.1}\n")
     assert build_config(str(path)).objective.options["clip_low"] == 0.1

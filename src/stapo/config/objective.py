@@ -50,6 +50,8 @@ def choose_objective(data: dict, overrides: list[str]) -> dict:
     preset = given.get("preset")
     section = given.get("objective")
     name = section.get("name") if isinstance(section, dict) else None
+    if name is not None:
+        _known(name, "objective.name")
     if preset is not None:
         _known(preset, "preset")
         if name is not None and name != preset:
@@ -121,10 +123,14 @@ def _show(value: Any) -> str:
 
 
 def _known(name: Any, key: str) -> str:
+    """``name`` if it names a registered objective; else the error ``_validate`` gives for a file's."""
     from ..objectives import OBJECTIVES
 
-    if name not in OBJECTIVES:
-        raise ConfigError(f"unknown {key} {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    if not (isinstance(name, str) and name in OBJECTIVES):
+        names = ", ".join(OBJECTIVES)
+        if key == "preset":
+            raise ConfigError(f"unknown preset {name!r}; choose one of {names}")
+        raise ConfigError(f"config key {key!r} must be one of {names}; got {name!r}")
     return name
 
 

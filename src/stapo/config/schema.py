@@ -67,7 +67,7 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     data = dict(data or {})
     hints = type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in set(data) - set(fields))  # a YAML key may be a number (1: x)
     if unknown:
         key = prefix + unknown[0]
         raise ConfigError(f"unknown config key {key!r}; allowed keys here: {', '.join(sorted(fields))}")
