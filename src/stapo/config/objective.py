@@ -24,7 +24,7 @@ from typing import Any
 from .fields import is_statistic, options_of
 from .schema import ConfigError, apply_overrides, from_dict, merge
 
-# The paper's comparison (STAPO Table 1): one model, data, rollout and optimizer; only these differ.
+# The STAPO paper's comparison (arXiv 2602.15620): one model, data, rollout and optimizer; only these differ.
 PAPER_OBJECTIVES = ("stapo", "justrl", "grpo", "entropy20", "dapo", "dr_grpo")
 # The advantage estimator each objective's paper uses; "grpo" (group mean and std) unless listed.
 PAPER_ADVANTAGE = {"dr_grpo": "dr_grpo"}  # Dr. GRPO (arXiv 2503.20783): no division by the std
