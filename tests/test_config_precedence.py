@@ -135,7 +135,7 @@ def test_stapo_file_trains_justrl_and_config_yaml_says_so(tiny_model_dir, tmp_pa
     argv = ["train", RECIPE, "objective.name=justrl", f"model.name_or_path={tiny_model_dir}", f"data.train={data}",
             f"output_dir={tmp_path / 'runs'}", "run_name=r", "steps=1", "rollout.prompts_per_step=2", "rollout.n=2",
             "rollout.max_new_tokens=4", "optim.mini_batch_prompts=2", "optim.micro_batch_size=4", "threads=1",
-            "reward.num_workers=1"]
+            "reward.num_workers=1", "--quiet"]  # --quiet hides progress, not the objective line
     assert main(argv) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first == "objective justrl: clip 0.2/0.28, dual clip 10, token-mean, no KL, advantage grpo"
