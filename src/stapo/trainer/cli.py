@@ -58,7 +58,7 @@ def run(args) -> int:
             raise UserError(f"--resume {args.resume}: no such run directory")
         config_path = str(Path(args.resume) / "config.yaml")
     cfg = build_config(config_path, overrides)
-    if os.environ.get("RANK", "0") == "0":  # what trains, even with --quiet (it hides progress only); once under torchrun
+    if os.environ.get("RANK", "0") == "0":  # even with --quiet (progress only); once under torchrun
         print(objective_line(cfg), flush=True)
     from .loop import TrainingStopped, train
     from .summary import print_summary
