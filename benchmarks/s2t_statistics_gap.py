@@ -70,8 +70,7 @@ def main() -> None:
     sampler = ProblemSampler(train_set, cfg.seed, cfg.data.shuffle)
     generator = training_generator(cfg, model, tok, LOCAL)
     current = objective_from_config(cfg)
-    rollout = build_objective(cfg.objective.name, cfg.objective.options, statistics="rollout",
-                              norm_length=cfg.rollout.max_new_tokens)
+    rollout = build_objective(cfg.objective.name, cfg.objective.options, statistics="rollout")
     rows = cfg.optim.mini_batch_prompts * cfg.rollout.n
     totals = {k: 0 for k in ("minibatches", "valid", "silenced_current", "silenced_rollout", "differ", "union")}
     tau_gaps = []

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 from typing import Any, Literal
 
+from ..objectives.configs import STAPOConfig as _S2T  # the S2T defaults' one place
 from .dtypes import Dtype
 from .fields import check_fields, option
 from .objective import choose_objective, is_preset_override, resolve_options
@@ -106,8 +107,8 @@ class OptimConfig:
 @dataclasses.dataclass
 class DiagnosticsConfig:
     enabled: bool = True
-    prob_threshold: float = option(0.002, gt=0, lt=1)  # quadrant cut on p (defaults to S2T's τ_p)
-    entropy_quantile: float = option(0.75, ge=0, le=1)  # quadrant cut on H (defaults to S2T's q)
+    prob_threshold: float = option(_S2T.prob_threshold, gt=0, lt=1)  # quadrant cut on p (S2T's τ_p)
+    entropy_quantile: float = option(_S2T.entropy_quantile, ge=0, le=1)  # quadrant cut on H (S2T's q)
     dump_every: int = option(0, ge=0)  # write a rollout parquet every k steps; 0 = never
 
 

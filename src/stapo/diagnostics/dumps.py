@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..objectives.masks import QUANTILE, TAU_P
 from .metrics import QUADRANTS, DiagnosticsConfig, token_fields
 
 __all__ = ["ROLLOUT_DIR", "dump_rollouts", "list_dumps", "read_rollouts", "rollout_path", "rollout_table"]
@@ -101,9 +102,9 @@ def rollout_table(
     silenced: torch.Tensor | None = None,
     entropy20_kept: torch.Tensor | None = None,
     vocab_size: int | None = None,
-    prob_threshold: float = 0.002,
+    prob_threshold: float = TAU_P,
     entropy_threshold: float | None = None,
-    entropy_quantile: float = 0.75,
+    entropy_quantile: float = QUANTILE,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     clip_ratio_c: float | None = 10.0,

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from ..objectives.losses import LOG_RATIO_CLAMP
-from ..objectives.masks import expand_advantages, quantile, s2t_candidates, s2t_mask
+from ..objectives.masks import QUANTILE, TAU_P, expand_advantages, quantile, s2t_candidates, s2t_mask
 from . import theory
 
 __all__ = [
@@ -60,8 +60,8 @@ class DiagnosticsConfig:
     """Settings of the taxonomy and of the surrogate weight w (defaults: STAPO's S2T and clip)."""
 
     vocab_size: int
-    prob_threshold: float = 0.002  # τ_p
-    entropy_quantile: float = 0.75  # q of τ_h
+    prob_threshold: float = TAU_P  # τ_p
+    entropy_quantile: float = QUANTILE  # q of τ_h
     entropy_threshold: float | None = None  # τ_h given (mini-batch wide); None = this batch's own
     clip_low: float = 0.2
     clip_high: float = 0.28
@@ -111,8 +111,8 @@ def _entropy_cut(
 
 def diagnostic_entropy_threshold(
     micro_batches: Iterable[Sequence[torch.Tensor]],
-    prob_threshold: float = 0.002,
-    entropy_quantile: float = 0.75,
+    prob_threshold: float = TAU_P,
+    entropy_quantile: float = QUANTILE,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """τ_h of the taxonomy over a whole mini-batch of (logprobs, entropy, advantages, response_mask).
@@ -267,9 +267,9 @@ def token_diagnostic_sums(
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     clip_ratio_c: float | None = 10.0,
-    prob_threshold: float = 0.002,
+    prob_threshold: float = TAU_P,
     entropy_threshold: float | None = None,
-    entropy_quantile: float = 0.75,
+    entropy_quantile: float = QUANTILE,
     silenced: torch.Tensor | None = None,
     p2logp: torch.Tensor | None = None,
 ) -> dict[str, float]:
@@ -340,9 +340,9 @@ def token_diagnostics(
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     clip_ratio_c: float | None = 10.0,
-    prob_threshold: float = 0.002,
+    prob_threshold: float = TAU_P,
     entropy_threshold: float | None = None,
-    entropy_quantile: float = 0.75,
+    entropy_quantile: float = QUANTILE,
     silenced: torch.Tensor | None = None,
     p2logp: torch.Tensor | None = None,
 ) -> dict[str, float]:

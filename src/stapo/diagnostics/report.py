@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..objectives.masks import TAU_P
 from .dumps import list_dumps, read_rollouts
 from .metrics import QUADRANTS
 
@@ -236,14 +237,14 @@ def low_p_share(table, prob_threshold: float | None = None) -> dict | None:
     A response is correct when its reward is > 0 (1 vs 0 for ``math``, +1 vs −1 for ``dapo``). Only
     low-p tokens inside correct responses can get A > 0 and become S2T candidates: a model that derails
     after an odd token has them all in incorrect responses, and S2T then silences nothing.
-    ``prob_threshold`` defaults to the dump's own (its metadata), else 0.002. Keys: prob_threshold,
+    ``prob_threshold`` defaults to the dump's own (its metadata), else S2T's τ_p. Keys: prob_threshold,
     tokens, low_p (count), in_correct / in_incorrect (low-p counts), share_in_correct (of the low-p
     tokens), rate_in_correct / rate_in_incorrect (low-p per token of such responses), of_all_in_correct
     (low-p inside correct responses per token, the quantity that bounds S2T's silenced fraction).
     None when the dumps have no valid token or no reward.
     """
     if prob_threshold is None:
-        prob_threshold = _dump_meta(table).get("prob_threshold", 0.002)
+        prob_threshold = _dump_meta(table).get("prob_threshold", TAU_P)
     d = table.select(["p", "reward", "valid"]).to_pydict()
     rows = [(p, r > 0) for p, r, v in zip(d["p"], d["reward"], d["valid"]) if v and r is not None and p is not None]
     if not rows:

@@ -15,7 +15,8 @@ How it hooks into TRL 1.16 (docs/trl.md has the long version):
    step spans several generation batches (``steps_per_generation * num_iterations`` not a multiple
    of ``gradient_accumulation_steps``) the scope is each run of the step's micro-batches that share
    one generation batch (a "segment"); a warning says so at construction.
-2. Mask. ``stapo.s2t_mask`` with that τ_h marks the silenced tokens of each micro-batch. They enter
+2. Mask. ``stapo.plan_minibatch`` (the planner stapo's trainer and verl's hook use) takes τ_h and
+   marks the silenced tokens of each micro-batch (``plan_segment``). They enter
    TRL's loss through ``tool_mask``, the loss-only mask TRL multiplies into ``completion_mask`` (it
    never reaches attention), so every ``loss_type`` drops them from its numerator *and* from its
    token count (TRL issue 6369: a mask applied to the numerator only).
@@ -49,7 +50,9 @@ try:
 except ImportError as err:  # pragma: no cover - only without the extra
     raise ImportError("stapo.integrations.trl needs TRL: pip install 'stapo[trl]'") from err
 
-from ..objectives import TokenStats, s2t_candidates, s2t_mask, s2t_threshold
+from ..distributed import gather_variable
+from ..objectives import STAPOConfig as S2TSettings
+from ..objectives import TokenStats, get_objective, plan_minibatch, s2t_candidates
 from ..ops import fast_path_blocker, model_token_stats
 
 __all__ = [
@@ -59,7 +62,7 @@ __all__ = [
     "STAPOTrainer",
     "check_s2t_compatible",
     "check_trl_version",
-    "gather_variable",
+    "plan_segment",
     "segment_length",
     "threshold_scope",
 ]
@@ -112,12 +115,12 @@ class STAPOConfig(GRPOConfig):
         metadata={"help": "Apply the S2T mask (Silencing Spurious Tokens). False trains exactly like GRPOTrainer."},
     )
     s2t_prob_threshold: float = dataclasses.field(
-        default=0.002,
+        default=S2TSettings.prob_threshold,
         metadata={"help": "τ_p: a valid token with advantage > 0 and current-policy probability below τ_p is an "
                           "S2T candidate."},
     )
     s2t_entropy_quantile: float = dataclasses.field(
-        default=0.75,
+        default=S2TSettings.entropy_quantile,
         metadata={"help": "q: candidates whose entropy is below the q-quantile of the entropies of all candidates "
                           "of the optimizer step (all processes, all accumulation micro-batches) are silenced."},
     )
@@ -181,18 +184,6 @@ def segment_length(step: int, window_start: int, window_size: int, generate_ever
     return n
 
 
-def gather_variable(accelerator, values: torch.Tensor) -> torch.Tensor:
-    """1-D ``[n_r]`` on each process -> ``[Σ_r n_r]`` on every process, in rank order (no sentinels)."""
-    if accelerator.num_processes == 1:
-        return values
-    sizes = accelerator.gather(torch.tensor([values.numel()], device=values.device)).tolist()  # [P]
-    width = max(max(sizes), 1)
-    padded = values.new_zeros(1, width)
-    padded[0, : values.numel()] = values
-    rows = accelerator.gather(padded)  # [P, width]
-    return torch.cat([rows[r, :n] for r, n in enumerate(sizes)])
-
-
 class S2TPlan(NamedTuple):
     """The S2T decision for one segment: micro-steps ``start`` … ``start + len(silenced) − 1``."""
 
@@ -204,6 +195,35 @@ class S2TPlan(NamedTuple):
     candidates: float  # S2T candidates (A > 0, p < τ_p), all processes
     silenced_count: float  # silenced tokens, all processes
     buffer: Any = None  # the TRL buffer the micro-batches came from (None in eval)
+
+
+def plan_segment(stats: list[TokenStats], prob_threshold: float, entropy_quantile: float, *, start: int,
+                 items_scale: float, reduce=None, device=None) -> S2TPlan:
+    """The S2T plan of one segment from its micro-batches' ``stats``: ``stapo.plan_minibatch`` of the
+    ``stapo`` objective (the trainer's and verl's planner), with τ_h gathered over all processes.
+
+    ``reduce`` sums an int64 tensor over processes (None: one process). Its token-mean denominator
+    (kept tokens, all processes) gives ``num_items_in_batch`` (module docstring, point 3).
+    """
+    reduce = reduce or (lambda counts: counts)
+    spec = get_objective("stapo")
+    config = spec.config(prob_threshold=prob_threshold, entropy_quantile=entropy_quantile, loss_agg_mode="token-mean")
+
+    def all_reduce(units: int) -> int:  # int64: exact at any token count, and every backend reduces it
+        return int(reduce(torch.tensor([units], dtype=torch.int64, device=device))[0])
+
+    plan = plan_minibatch(spec, config, stats, gather=gather_variable, all_reduce=all_reduce)
+    silenced = [s.response_mask.bool() & ~keep for s, keep in zip(stats, plan.keep_masks)]
+    local = torch.tensor(
+        [[int(s.response_mask.sum()), int(s2t_candidates(s.logprobs, s.advantages, s.response_mask,
+                                                         prob_threshold).sum())] for s in stats],
+        dtype=torch.int64, device=device,
+    ).sum(0)  # [2]: valid, candidates on this process
+    valid, candidates = reduce(local).tolist()
+    # float32, as TRL's own `num_items_in_batch.clamp(min=1.0)` becomes
+    num_items = torch.tensor(plan.denominator * items_scale, dtype=torch.float32, device=device)
+    return S2TPlan(start, silenced, num_items, plan.config.entropy_threshold, float(valid), float(candidates),
+                   float(valid - plan.denominator))
 
 
 def _loss_mask(inputs: dict) -> torch.Tensor:
@@ -369,21 +389,12 @@ class STAPOTrainer(GRPOTrainer):
 
     def _s2t_plan(self, batches: list[dict], *, start: int, items_scale: float) -> S2TPlan:
         """τ_h over ``batches`` on all processes, each batch's silenced tokens, and the global counts."""
-        p, q = self.args.s2t_prob_threshold, self.args.s2t_entropy_quantile
         stats = [self._s2t_token_stats(b) for b in batches]
-        quads = [(s.logprobs, s.entropy, s.advantages, s.response_mask) for s in stats]
-        tau = s2t_threshold(quads, p, q, gather=lambda v: gather_variable(self.accelerator, v))
-        silenced = [s2t_mask(*quad, p, q, entropy_threshold=tau) for quad in quads]
-        local = torch.tensor(  # int64: exact at any token count, and every backend reduces it
-            [[int(s.response_mask.sum()), int(s2t_candidates(s.logprobs, s.advantages, s.response_mask, p).sum()),
-              int(m.sum())] for s, m in zip(stats, silenced)],
-            dtype=torch.int64, device=self.accelerator.device,
-        ).sum(0)  # [3]: valid, candidates, silenced on this process
-        valid, candidates, n_silenced = self.accelerator.reduce(local, reduction="sum").tolist()
-        # float32, as TRL's own `num_items_in_batch.clamp(min=1.0)` becomes
-        num_items = torch.tensor((valid - n_silenced) * items_scale, dtype=torch.float32,
-                                 device=self.accelerator.device)
-        return S2TPlan(start, silenced, num_items, tau, float(valid), float(candidates), float(n_silenced))
+        return plan_segment(stats, self.args.s2t_prob_threshold, self.args.s2t_entropy_quantile, start=start,
+                            items_scale=items_scale, reduce=self._s2t_reduce, device=self.accelerator.device)
+
+    def _s2t_reduce(self, counts: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(counts, reduction="sum")
 
     def _s2t_log(self, mode: str, plan: S2TPlan) -> None:
         metrics = self._metrics[mode]

@@ -47,15 +47,7 @@ except ImportError as err:  # pragma: no cover - only without the extra
     raise ImportError("stapo.integrations.verl needs verl: pip install 'stapo[verl]'") from err
 
 from ..distributed import all_reduce_sum, gather_variable
-from ..objectives import (
-    AGG_MODES,
-    TokenStats,
-    count_units,
-    get_objective,
-    loss_token_mask,
-    minibatch_overrides,
-    policy_loss,
-)
+from ..objectives import AGG_MODES, Entropy20Config, STAPOConfig, TokenStats, get_objective, plan_minibatch, policy_loss
 
 __all__ = [
     "CONFIG_DIR",
@@ -124,11 +116,12 @@ class STAPOPolicyLossConfig(PolicyLossConfig):
     ``actor_rollout_ref.actor.policy_loss.tau_p=0.002 ...entropy_quantile=0.75``
     """
 
+    # the defaults are the stapo objectives' (stapo.objectives.STAPOConfig / Entropy20Config)
     loss_mode: str = "stapo"
-    tau_p: float = 0.002  # S2T: a positive-advantage token with probability below τ_p is a candidate
-    entropy_quantile: float = 0.75  # S2T: candidates below this quantile of the candidates' entropies are silenced
-    top_ratio: float = 0.2  # entropy20: train on the top-ratio entropy tokens of the mini-batch
-    normalize_by: str = "selected"  # entropy20: divide by the kept tokens ("selected") or all valid ones ("all")
+    tau_p: float = STAPOConfig.prob_threshold  # S2T: a positive-advantage token with p < τ_p is a candidate
+    entropy_quantile: float = STAPOConfig.entropy_quantile  # S2T: candidates below this quantile are silenced
+    top_ratio: float = Entropy20Config.top_ratio  # entropy20: train on the top-ratio entropy tokens of the mini-batch
+    normalize_by: str = Entropy20Config.normalize_by  # entropy20: divide by the kept tokens ("selected") or all
 
     def __post_init__(self):
         if hasattr(super(), "__post_init__"):  # verl 0.9.1's PolicyLossConfig has none; a later one may
@@ -243,12 +236,13 @@ def ppo_loss_with_entropy(config, model_output, data, dp_group=None):
 def minibatch_statistics(name: str, opts: dict[str, Any], logprobs: torch.Tensor, entropy: torch.Tensor,
                          advantages: torch.Tensor, response_mask: torch.Tensor, group=None) -> MiniBatch:
     """τ_h (the objective's mini-batch overrides) and the loss denominator over this rank's [B, T]
-    mini-batch statistics and those of every rank of ``group`` (the DP group)."""
+    mini-batch statistics and those of every rank of ``group`` (the DP group): ``stapo.plan_minibatch``,
+    the planner stapo's own trainer and the TRL integration use."""
+    spec = get_objective(name)
     stats = [TokenStats(logprobs.float(), entropy.float(), advantages, response_mask.bool())]
-    overrides = minibatch_overrides(name, stats, functools.partial(gather_variable, group=group), **opts)
-    kept = loss_token_mask(name, stats[0].logprobs, stats[0].entropy, advantages, stats[0].response_mask,
-                           **opts, **overrides)
-    return MiniBatch(overrides, all_reduce_sum(count_units(kept, opts["loss_agg_mode"]), group=group))
+    plan = plan_minibatch(spec, spec.config(**opts), stats, gather=functools.partial(gather_variable, group=group),
+                          all_reduce=functools.partial(all_reduce_sum, group=group))
+    return MiniBatch(plan.overrides, plan.denominator)
 
 
 def _stapo_config(loss_function):

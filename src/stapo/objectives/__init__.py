@@ -33,7 +33,8 @@ from .registry import (
     policy_loss,
     register_objective,
 )
-from .training import STATISTICS, MinibatchPlan, TrainingObjective, build_objective, objective_from_config
+from .planner import MinibatchPlan, plan_minibatch
+from .training import STATISTICS, TrainingObjective, build_objective, objective_from_config
 
 __all__ = [
     "AGG_MODES",
@@ -63,6 +64,7 @@ __all__ = [
     "loss_token_mask",
     "minibatch_overrides",
     "objective_from_config",
+    "plan_minibatch",
     "policy_loss",
     "quantile",
     "register_objective",

@@ -12,12 +12,18 @@ Clipped surrogate (PPO; clip-higher from DAPO; dual clip from Ye et al. 2020, as
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from ..config.fields import check_fields, option, statistic
-from .aggregate import AGG_MODES, agg_loss
+from .aggregate import agg_loss
+from .configs import (  # noqa: F401  (re-exported: each objective's config sits beside its loss for readers)
+    ClipConfig,
+    DAPOConfig,
+    DrGRPOConfig,
+    Entropy20Config,
+    GRPOConfig,
+    JustRLConfig,
+    STAPOConfig,
+)
 from .masks import (
     expand_advantages,
     high_entropy_mask,
@@ -30,61 +36,6 @@ from .masks import (
 from .registry import register_objective
 
 LOG_RATIO_CLAMP = 20.0  # keeps exp() finite for stale tokens (verl clamps the same way)
-
-
-# Each option's allowed values sit beside its default (``stapo.config.fields.option``) and are checked
-# when a config is built, from Python or from `objective.options` (verl's dual clip needs c > 1).
-@dataclasses.dataclass(frozen=True)
-class ClipConfig:
-    clip_low: float = option(0.2, ge=0, lt=1)
-    clip_high: float = option(0.2, ge=0)
-    clip_ratio_c: float | None = option(None, gt=1)  # dual-clip constant for A < 0; None = off
-    loss_agg_mode: str = option("token-mean", choices=AGG_MODES)
-    kl_coef: float = option(0.0, ge=0)  # β of the k3 KL to a reference policy; 0 = no reference needed
-    norm_length: int | None = option(None, ge=1)  # L of seq-mean-token-sum-norm; None = T (stapo train: max_new_tokens)
-
-    def __post_init__(self):
-        check_fields(self)
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPOConfig(ClipConfig):
-    loss_agg_mode: str = "seq-mean-token-mean"  # DeepSeekMath Eq. 3: 1/|o_i| inside, 1/G outside
-
-
-@dataclasses.dataclass(frozen=True)
-class DAPOConfig(ClipConfig):
-    clip_high: float = 0.28  # DAPO Sec. 3.1 clip-higher
-    loss_agg_mode: str = "token-mean"  # DAPO Sec. 3.3
-
-
-@dataclasses.dataclass(frozen=True)
-class DrGRPOConfig(ClipConfig):
-    loss_agg_mode: str = "seq-mean-token-sum-norm"  # Dr. GRPO: a constant, not |o_i|
-
-
-@dataclasses.dataclass(frozen=True)
-class JustRLConfig(ClipConfig):
-    clip_high: float = 0.28
-    clip_ratio_c: float | None = 10.0  # JustRL keeps verl's dual clip at 10
-    loss_agg_mode: str = "token-mean"
-
-
-@dataclasses.dataclass(frozen=True)
-class Entropy20Config(JustRLConfig):
-    top_ratio: float = option(0.2, gt=0, le=1)
-    # "selected": divide by the kept tokens (the released code); "all": by all valid tokens
-    # (the paper's formula). "selected" is the default so a kept token gets the same step
-    # as under the `justrl` baseline it ablates, and it reproduces the published runs.
-    normalize_by: str = option("selected", choices=("selected", "all"))
-    entropy_threshold: float | None = statistic()  # mini-batch-wide cut; None = this batch's own
-
-
-@dataclasses.dataclass(frozen=True)
-class STAPOConfig(JustRLConfig):
-    prob_threshold: float = option(0.002, ge=0, le=1)  # τ_p (0: no candidates, exactly justrl)
-    entropy_quantile: float = option(0.75, ge=0, le=1)  # q
-    entropy_threshold: float | None = statistic()  # τ_h from the whole mini-batch; None = this batch's own
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, cfg: ClipConfig):

@@ -19,6 +19,11 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .configs import Entropy20Config, STAPOConfig
+
+# the paper defaults, read from the objectives' config dataclasses (their one place)
+TAU_P, QUANTILE, TOP_RATIO = STAPOConfig.prob_threshold, STAPOConfig.entropy_quantile, Entropy20Config.top_ratio
+
 __all__ = [
     "expand_advantages",
     "high_entropy_mask",
@@ -78,7 +83,7 @@ def s2t_candidates(
     logprobs: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    prob_threshold: float = 0.002,
+    prob_threshold: float = TAU_P,
 ) -> torch.Tensor:
     """S2T candidates: valid tokens with A > 0 and current-policy p < τ_p.  Shape [B, T], bool."""
     adv = expand_advantages(advantages, logprobs).detach()
@@ -90,8 +95,8 @@ def s2t_candidates(
 
 def s2t_threshold(
     micro_batches: Iterable[Sequence[torch.Tensor]],
-    prob_threshold: float = 0.002,
-    entropy_quantile: float = 0.75,
+    prob_threshold: float = TAU_P,
+    entropy_quantile: float = QUANTILE,
     gather=None,
 ) -> float:
     """τ_h over a whole mini-batch given as micro-batches of (logprobs, entropy, advantages, response_mask).
@@ -116,8 +121,8 @@ def s2t_mask(
     entropy: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    prob_threshold: float = 0.002,
-    entropy_quantile: float = 0.75,
+    prob_threshold: float = TAU_P,
+    entropy_quantile: float = QUANTILE,
     entropy_threshold: float | None = None,
 ) -> torch.Tensor:
     """Silencing Spurious Tokens (STAPO, Sec. 4): True = silenced.
@@ -135,7 +140,7 @@ def s2t_mask(
 def s2t_silence(
     candidates: torch.Tensor,
     entropy: torch.Tensor,
-    entropy_quantile: float = 0.75,
+    entropy_quantile: float = QUANTILE,
     entropy_threshold: float | None = None,
 ) -> tuple[torch.Tensor, float]:
     """(silenced [B, T], τ_h) from the S2T candidates: candidates with entropy H < τ_h.
@@ -153,7 +158,7 @@ def s2t_silence(
 
 
 def high_entropy_threshold(
-    micro_batches: Iterable[Sequence[torch.Tensor]], top_ratio: float = 0.2, gather=None
+    micro_batches: Iterable[Sequence[torch.Tensor]], top_ratio: float = TOP_RATIO, gather=None
 ) -> float:
     """20-Entropy cut over a whole mini-batch given as micro-batches of (entropy, response_mask).
 
@@ -170,7 +175,7 @@ def high_entropy_threshold(
 def high_entropy_mask(
     entropy: torch.Tensor,
     response_mask: torch.Tensor,
-    top_ratio: float = 0.2,
+    top_ratio: float = TOP_RATIO,
     entropy_threshold: float | None = None,
 ) -> torch.Tensor:
     """Beyond the 80/20 rule (Wang et al., 2025): True = kept (a top-``top_ratio`` entropy token)."""

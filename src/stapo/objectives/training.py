@@ -13,9 +13,10 @@ to the run's options and says what the trainer has to compute for it:
 ``old_entropy``) instead: no pre-pass, and exact on the first mini-batch of a step, where the
 current policy still is the rollout policy.
 
-``plan`` turns a mini-batch's statistics into a ``MinibatchPlan``: the config with the
-mini-batch-wide overrides (τ_h), each micro-batch's keep mask, computed once, and the local unit
-count the global denominator sums. ``loss`` then uses that very mask for the numerator.
+``plan`` turns a mini-batch's statistics into a ``MinibatchPlan`` (``stapo.objectives.planner``, the
+one planner the TRL and verl integrations call too): the config with the mini-batch-wide overrides
+(τ_h), each micro-batch's keep mask, computed once, and the global denominator. ``loss`` then uses
+that very mask for the numerator.
 """
 
 from __future__ import annotations
@@ -26,26 +27,10 @@ from typing import Any
 
 import torch
 
-from .aggregate import count_units
-from .registry import (
-    Objective,
-    TokenStats,
-    call_objective,
-    denominator_token_mask,
-    get_objective,
-    objective_keep_mask,
-)
+from .planner import MinibatchPlan, identity, plan_minibatch
+from .registry import Objective, TokenStats, call_objective, get_objective
 
 STATISTICS = ("current", "rollout")
-
-
-@dataclasses.dataclass(frozen=True)
-class MinibatchPlan:
-    """What one optimizer mini-batch's loss needs before any gradient is taken."""
-
-    config: Any  # the objective's config with the mini-batch-wide overrides (e.g. τ_h)
-    keep_masks: list[torch.Tensor | None]  # per micro-batch [b, T] bool; None = all valid tokens
-    local_units: int  # units (tokens or sequences) this rank's micro-batches normalise over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,25 +65,10 @@ class TrainingObjective:
         """A no-grad forward of the current policy over the mini-batch is needed before the loss."""
         return self.spec.policy_statistics and self.statistics == "current" and not params_fresh
 
-    def plan(self, stats: Sequence[TokenStats], gather=None) -> MinibatchPlan:
-        """Overrides, keep masks (once per micro-batch) and the local unit count of one mini-batch.
-
-        ``stats``: one ``TokenStats`` per micro-batch; ``gather`` concatenates a 1-D tensor over
-        ranks (None = one process).
-        """
-        spec, config = self.spec, self.config
-        if spec.minibatch_overrides is not None:
-            if spec.needs_entropy and any(s.entropy is None for s in stats):
-                raise ValueError(f"objective {spec.name!r} needs per-token `entropy` in every TokenStats")
-            config = dataclasses.replace(config, **spec.minibatch_overrides(config, stats, gather))
-        keeps: list[torch.Tensor | None] = []
-        units = 0
-        for s in stats:
-            keep = objective_keep_mask(spec, config, s.logprobs, s.entropy, s.advantages, s.response_mask)
-            units += count_units(denominator_token_mask(spec, config, keep, s.response_mask),
-                                 config.loss_agg_mode)
-            keeps.append(keep if spec.keep_mask is not None else None)
-        return MinibatchPlan(config, keeps, units)
+    def plan(self, stats: Sequence[TokenStats], gather=None, all_reduce=identity) -> MinibatchPlan:
+        """This objective's ``plan_minibatch``: ``stats`` holds one ``TokenStats`` per micro-batch;
+        ``gather`` / ``all_reduce`` are the ranks' collectives (None / identity = one process)."""
+        return plan_minibatch(self.spec, self.config, stats, gather=gather, all_reduce=all_reduce)
 
     def loss(self, plan: MinibatchPlan, index: int, logprobs, old_logprobs, micro, *, entropy=None,
              denominator: float | None = None):
@@ -112,24 +82,16 @@ class TrainingObjective:
         )
 
 
-def build_objective(name: str, options: dict | None = None, *, statistics: str = "current",
-                    norm_length: int | None = None) -> TrainingObjective:
-    """Objective ``name`` with ``options`` applied (unknown keys are an error listing the valid ones).
-
-    ``norm_length``: Dr. GRPO's constant normaliser when ``options`` leave it unset (the trainer
-    passes the generation budget, not each micro-batch's padded T).
-    """
+def build_objective(name: str, options: dict | None = None, *, statistics: str = "current") -> TrainingObjective:
+    """Objective ``name`` with ``options`` applied (unknown keys are an error listing the valid ones)."""
     if statistics not in STATISTICS:
         raise ValueError(f"objective.statistics must be one of {', '.join(STATISTICS)}; got {statistics!r}")
     spec = get_objective(name)
-    options = dict(options or {})
-    if norm_length is not None:
-        options.setdefault("norm_length", norm_length)
-    return TrainingObjective(spec, spec.config(**options), statistics)
+    return TrainingObjective(spec, spec.config(**(options or {})), statistics)
 
 
 def objective_from_config(cfg) -> TrainingObjective:
-    """The run's objective from a ``TrainConfig`` (``objective.*``, ``rollout.max_new_tokens``)."""
+    """The run's objective from a ``TrainConfig`` whose ``objective.options`` the config layer resolved
+    (``stapo.config.objective.resolve_options``: Dr. GRPO's ``norm_length`` is the generation budget)."""
     return build_objective(cfg.objective.name, cfg.objective.options,
-                           statistics=getattr(cfg.objective, "statistics", "current"),
-                           norm_length=cfg.rollout.max_new_tokens)
+                           statistics=getattr(cfg.objective, "statistics", "current"))

@@ -283,8 +283,8 @@ def plan_minibatch(model, objective: TrainingObjective, micros: list[RolloutBatc
     else:
         stats = [TokenStats(m.old_logprobs, m.old_entropy, m.advantages, m.response_mask, m.teacher_logprobs,
                             m.old_logprobs) for m in micros]
-    plan = objective.plan(stats, gather_variable if ctx.world_size > 1 else None)
-    return plan, all_reduce_sum(plan.local_units)
+    plan = objective.plan(stats, gather_variable if ctx.world_size > 1 else None, all_reduce_sum)
+    return plan, plan.denominator
 
 
 def accumulate_gradients(model, objective: TrainingObjective, plan: MinibatchPlan, denominator: float,
