@@ -32,7 +32,8 @@ from helpers.verl_engine import (
 )
 from stapo.integrations import verl as sv
 from stapo.models.tiny import tiny_qwen3
-from stapo.objectives import count_units, loss_token_mask
+from helpers.planner_cases import TAU_P, micro_batches, micro_view
+from stapo.objectives import TokenStats, build_objective, count_units, loss_token_mask
 
 pytestmark = pytest.mark.verl
 VOCAB = 48
@@ -107,11 +108,33 @@ def test_ppo_loss_equals_stapo_policy_loss(setup, name):
     ref_grad = padded_to_values(ref_grad_padded, data)  # d loss / d log-prob is zero off the responses
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
+    # the trainer's path (TrainingObjective.plan, then .loss per micro-batch) on the same tensors, in halves
+    objective = build_objective(name, opts)
+    halves = [slice(0, N // 2), slice(N // 2, N)]
+    micros = [TokenStats(lp.detach()[h], ent[h], data["advantages"][h], mask[h]) for h in halves]
+    plan = objective.plan(micros)
+    assert plan.overrides == stats.overrides and plan.denominator == stats.denominator
+    trainer_loss = sum(objective.loss(plan, i, leaf[h], data["old_log_probs"][h], micro_view(m), entropy=ent[h],
+                                      denominator=plan.denominator)[0] for i, (h, m) in enumerate(zip(halves, micros)))
+    torch.testing.assert_close(trainer_loss, loss.detach(), rtol=0, atol=1e-12)
     if name == "stapo":
         silenced = stapo.s2t_mask(lp.detach(), ent, data["advantages"], mask, tau_p, 0.75)
         assert 0 < int(silenced.sum()) < int(mask.sum())  # the mask does something here
         assert torch.all(ref_grad_padded[silenced] == 0)  # exactly zero at silenced tokens
     assert float(ref_metrics["loss/policy"]) == pytest.approx(float(loss.detach()), abs=1e-12)
+
+
+@pytest.mark.parametrize("name", sv.LOSS_MODES)
+def test_minibatch_statistics_is_the_trainers_plan(name):
+    """tests/test_planner.py's tensors: verl's hook plans exactly as stapo's trainer (and TRL) do."""
+    stats = micro_batches()
+    opts = {"prob_threshold": TAU_P} if name == "stapo" else {}
+    objective = build_objective(name, opts)
+    plan = objective.plan(stats)
+    cat = [torch.cat(parts) for parts in zip(*[(s.logprobs, s.entropy, s.advantages, s.response_mask) for s in stats])]
+    hook = sv.minibatch_statistics(name, {**opts, "loss_agg_mode": "token-mean"}, *cat)
+    assert hook.overrides == plan.overrides and hook.denominator == plan.denominator
+    assert 0 < plan.denominator < sum(int(s.response_mask.sum()) for s in stats)  # the keep mask bites
 
 
 def padded_to_values(padded: torch.Tensor, data) -> torch.Tensor:
