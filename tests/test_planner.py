@@ -67,7 +67,14 @@ def test_collectives_are_the_callers():
 def test_real_trl_step_loss_equals_the_trainer_path():
     """A real STAPOTrainer step (2 accumulation micro-batches): the trainer path on TRL's own tensors
     gives TRL's masks exactly and TRL's loss to rounding."""
-    from trl_common import BASE, HIGH_PROB_THRESHOLD, RecordingTrainer, digit_fraction, prompts, tiny_model_and_tok
+    from trl_common import (
+        BASE,
+        HIGH_PROB_THRESHOLD,
+        RecordingTrainer,
+        digit_fraction,
+        prompts,
+        tiny_model_and_tok,
+    )
 
     config = trl_integration.STAPOConfig(output_dir=os.path.join(tempfile.gettempdir(), "stapo-planner-tests"),
                                          **{**BASE, "max_steps": 1, "gradient_accumulation_steps": 2,

@@ -22,6 +22,7 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.utils.losses import ppo_loss
 
 import stapo
+from helpers.planner_cases import TAU_P, micro_batches, micro_view
 from helpers.verl_engine import (
     CPUEngine,
     actor_config,
@@ -32,7 +33,6 @@ from helpers.verl_engine import (
 )
 from stapo.integrations import verl as sv
 from stapo.models.tiny import tiny_qwen3
-from helpers.planner_cases import TAU_P, micro_batches, micro_view
 from stapo.objectives import TokenStats, build_objective, count_units, loss_token_mask
 
 pytestmark = pytest.mark.verl

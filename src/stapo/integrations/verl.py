@@ -47,7 +47,15 @@ except ImportError as err:  # pragma: no cover - only without the extra
     raise ImportError("stapo.integrations.verl needs verl: pip install 'stapo[verl]'") from err
 
 from ..distributed import all_reduce_sum, gather_variable
-from ..objectives import AGG_MODES, Entropy20Config, STAPOConfig, TokenStats, get_objective, plan_minibatch, policy_loss
+from ..objectives import (
+    AGG_MODES,
+    Entropy20Config,
+    STAPOConfig,
+    TokenStats,
+    get_objective,
+    plan_minibatch,
+    policy_loss,
+)
 
 __all__ = [
     "CONFIG_DIR",

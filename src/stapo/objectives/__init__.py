@@ -3,9 +3,7 @@
 from . import dasd as _dasd  # noqa: F401  (registers dasd, opsd, dasd_reverse)
 from . import losses as _losses  # noqa: F401  (registers the built-in objectives)
 from .aggregate import AGG_MODES, agg_loss, count_units
-from .corrections import apply_tis, rollout_mismatch, tis_weights
-from .dasd import DASDConfig, SelfDistillConfig, router_weight
-from .losses import (
+from .configs import (
     ClipConfig,
     DAPOConfig,
     DrGRPOConfig,
@@ -13,8 +11,10 @@ from .losses import (
     GRPOConfig,
     JustRLConfig,
     STAPOConfig,
-    clipped_surrogate,
 )
+from .corrections import apply_tis, rollout_mismatch, tis_weights
+from .dasd import DASDConfig, SelfDistillConfig, router_weight
+from .losses import clipped_surrogate
 from .masks import (
     high_entropy_mask,
     high_entropy_threshold,
@@ -23,6 +23,7 @@ from .masks import (
     s2t_mask,
     s2t_threshold,
 )
+from .planner import MinibatchPlan, plan_minibatch
 from .registry import (
     OBJECTIVES,
     Objective,
@@ -33,7 +34,6 @@ from .registry import (
     policy_loss,
     register_objective,
 )
-from .planner import MinibatchPlan, plan_minibatch
 from .training import STATISTICS, TrainingObjective, build_objective, objective_from_config
 
 __all__ = [

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .aggregate import agg_loss
-from .configs import (  # noqa: F401  (re-exported: each objective's config sits beside its loss for readers)
+from .configs import (
     ClipConfig,
     DAPOConfig,
     DrGRPOConfig,

@@ -25,8 +25,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from .planner import MinibatchPlan, identity, plan_minibatch
 from .registry import Objective, TokenStats, call_objective, get_objective
 
