@@ -2,7 +2,8 @@
 
 Run by tests/test_verl_fsdp.py in a fresh process (VERL_PLATFORM=cpu must be set before verl
 resolves its platform), alone or under torchrun with 2 processes (each rank trains its contiguous half
-of the mini-batch; FSDP2 shards the model over both). Rank 0 prints one JSON line per micro-batch
+of the mini-batch; FSDP2 shards the model over both), with ``use_remove_padding`` off or on (verl's
+default and the documented command's: packed sequences, no pad tokens in the forward). Rank 0 prints one JSON line per micro-batch
 split: the engine's loss (summed over micro-batches, averaged over ranks as verl reports it) and its
 gradient's largest difference from stapo's whole-batch fp32 reference.
 """
@@ -15,7 +16,7 @@ import os
 import sys
 
 
-def main(model_dir: str) -> None:
+def main(model_dir: str, remove_padding: bool = False) -> None:
     os.environ["VERL_PLATFORM"] = "cpu"
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)  # torchrun sets them for 2 processes
@@ -58,7 +59,7 @@ def main(model_dir: str) -> None:
     loss, metrics = stapo.policy_loss("stapo", lp, data["old_log_probs"], adv, mask, entropy=ent,
                                       **sv.objective_options("stapo", config))
     loss.backward()
-    model_config = HFModelConfig(path=model_dir, use_remove_padding=False,
+    model_config = HFModelConfig(path=model_dir, use_remove_padding=remove_padding,
                                  override_config={"attn_implementation": "eager"})
     engine = EngineRegistry.new(model_type="language_model", backend="fsdp2", model_config=model_config,
                                 engine_config=config.engine, optimizer_config=config.optim,
@@ -87,11 +88,11 @@ def main(model_dir: str) -> None:
         total = torch.tensor(sum(out["loss"]), dtype=torch.float64)
         dist.all_reduce(total)  # each rank's loss is its share of the global mean (times DP size)
         if rank == 0:
-            print(json.dumps({"split": split, "ranks": world, "loss": float(total) / world,
+            print(json.dumps({"split": split, "ranks": world, "remove_padding": remove_padding, "loss": float(total) / world,
                               "reference_loss": float(loss), "grad_diff": diff,
                               "silenced": float(metrics["s2t/silenced"]), "engine": type(engine).__name__}))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], remove_padding=sys.argv[2:] == ["remove_padding"])
