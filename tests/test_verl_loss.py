@@ -75,31 +75,40 @@ def max_diff(a: dict, b: dict) -> float:
 
 # --- verl's own ppo_loss with the plugin == stapo.policy_loss --------------------------------------
 
-@pytest.mark.parametrize("name", ["stapo", "entropy20"])
-def test_ppo_loss_equals_stapo_policy_loss(setup, name):
-    """verl's ppo_loss on verl-shaped TensorDicts, float64 leaves: same loss and d loss / d log-prob."""
-    model, data, tau_p = setup
+def verl_loss(model, data, name, config, **extra):
+    """``ppo_loss_with_entropy`` on verl-shaped float64 leaves: (loss, metrics, d loss / d log-prob values,
+    padded lp, entropy, mask, the mini-batch's statistics, data). ``extra``: more [B, T] fields of ``data``."""
     data = data.copy()
     data["old_log_probs"] = data["old_log_probs"].double()
     data["advantages"] = data["advantages"].double()
+    for key, value in extra.items():
+        data[key] = value
     with torch.no_grad():
         out = sequence_stats(model, data)
     values = out["log_probs"].values().double().requires_grad_(True)  # [total_nnz] leaf
     offsets = data["input_ids"].offsets()
     model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(values, offsets),
                     "entropy": torch.nested.nested_tensor_from_jagged(out["entropy"].values().double(), offsets)}
-    config = config_for(name, tau_p)
-    opts = sv.objective_options(name, config)
     padded = sv.no_padding_2_padding  # verl's own
     lp, ent = padded(model_output["log_probs"], data), padded(model_output["entropy"], data)
     mask = data["response_mask"].bool()
-    stats = sv.minibatch_statistics(name, opts, lp.detach(), ent, data["advantages"], mask)
+    stats = sv.minibatch_statistics(name, sv.objective_options(name, config), lp.detach(), ent, data["advantages"],
+                                    mask)
     for key, value in {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": N}.items():
         tu.assign_non_tensor(data, **{key: value})
-
     with sv.minibatch_scope(stats):
-        loss, _ = sv.ppo_loss_with_entropy(config, model_output, data)
+        loss, metrics = sv.ppo_loss_with_entropy(config, model_output, data)
     (grad,) = torch.autograd.grad(loss, values)
+    return loss, metrics, grad, lp, ent, mask, stats, data
+
+
+@pytest.mark.parametrize("name", ["stapo", "entropy20"])
+def test_ppo_loss_equals_stapo_policy_loss(setup, name):
+    """verl's ppo_loss on verl-shaped TensorDicts, float64 leaves: same loss and d loss / d log-prob."""
+    model, data, tau_p = setup
+    config = config_for(name, tau_p)
+    opts = sv.objective_options(name, config)
+    loss, metrics, grad, lp, ent, mask, stats, data = verl_loss(model, data, name, config)
 
     leaf = lp.detach().clone().requires_grad_(True)
     ref, ref_metrics = stapo.policy_loss(name, leaf, data["old_log_probs"], data["advantages"], mask, entropy=ent,
@@ -122,6 +131,78 @@ def test_ppo_loss_equals_stapo_policy_loss(setup, name):
         assert 0 < int(silenced.sum()) < int(mask.sum())  # the mask does something here
         assert torch.all(ref_grad_padded[silenced] == 0)  # exactly zero at silenced tokens
     assert float(ref_metrics["loss/policy"]) == pytest.approx(float(loss.detach()), abs=1e-12)
+    # stapo's metrics have names of their own beside verl's (verl logs its own actor/entropy)
+    assert metrics["stapo/policy"].values[0] == pytest.approx(float(loss.detach()), abs=1e-12)
+    assert "stapo/entropy" in metrics and "actor/entropy" not in metrics
+
+
+def test_kl_loss_and_entropy_bonus_respect_the_mask(setup):
+    """use_kl_loss and entropy_coeff act on the kept tokens only, normalised over them, as stapo's own KL:
+    a silenced token gets no gradient from either term."""
+    model, data, tau_p = setup
+    config = config_for("stapo", tau_p, "actor_rollout_ref.actor.use_kl_loss=True",
+                        "actor_rollout_ref.actor.kl_loss_type=low_var_kl", "actor_rollout_ref.actor.kl_loss_coef=0.1",
+                        "actor_rollout_ref.actor.entropy_coeff=0.01")
+    opts = sv.objective_options("stapo", config)
+    g = torch.Generator().manual_seed(5)
+    ref_lp = data["old_log_probs"].double() + 0.3 * torch.randn(data["old_log_probs"].shape, generator=g,
+                                                                dtype=torch.float64)
+    loss, metrics, grad, lp, ent, mask, stats, data = verl_loss(model, data, "stapo", config, ref_log_prob=ref_lp)
+    leaf = lp.detach().clone().requires_grad_(True)
+    ref, _ = stapo.policy_loss("stapo", leaf, data["old_log_probs"], data["advantages"], mask, entropy=ent,
+                               ref_logprobs=ref_lp, **{**opts, "kl_coef": 0.1})  # k3 = verl's low_var_kl
+    keep = mask & ~stapo.s2t_mask(lp.detach(), ent, data["advantages"], mask, tau_p, 0.75,
+                                  stats.overrides["entropy_threshold"])
+    assert 0 < int(keep.sum()) < int(mask.sum())
+    entropy_bonus = (ent * keep).sum() / keep.sum()  # over the kept tokens
+    torch.testing.assert_close(loss, ref - 0.01 * entropy_bonus, rtol=0, atol=1e-10)
+    (ref_grad,) = torch.autograd.grad(ref, leaf)
+    torch.testing.assert_close(grad, padded_to_values(ref_grad, data), rtol=0, atol=1e-10)
+    assert torch.all(padded_to_values(torch.where(keep, 0.0, 1.0).double(), data)[grad != 0] == 0)
+    assert float(metrics["kl_loss"].values[0]) > 0
+
+
+def test_clip_ratio_c_at_most_one_is_refused(setup):
+    """verl's dual-clip loss asserts c > 1; loss_mode=stapo refuses it too, naming verl's key."""
+    _, _, tau_p = setup
+    for c in ("1.0", "0.5"):
+        config = config_for("stapo", tau_p, f"actor_rollout_ref.actor.clip_ratio_c={c}")
+        with pytest.raises(ValueError, match=r"actor_rollout_ref\.actor\.clip_ratio_c must be > 1; got"):
+            sv.objective_options("stapo", config)
+        with pytest.raises(ValueError, match=r"actor_rollout_ref\.actor\.clip_ratio_c must be > 1"):
+            validate(trainer_config(f"actor_rollout_ref.actor.clip_ratio_c={c}"))
+
+
+def trainer_config(*overrides: str):
+    """verl's whole trainer config (what main_ppo validates) from stapo_trainer.yaml + ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=sv.CONFIG_DIR, version_base=None):
+        return compose("stapo_trainer", overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
+                                                   *overrides])
+
+
+def validate(config):
+    """verl's validate_config, looked up as main_ppo does (``from verl.utils.config import validate_config``)."""
+    from verl.utils.config import validate_config
+
+    validate_config(config=config, use_reference_policy=False, use_critic=False)
+
+
+def test_bypass_mode_is_refused():
+    """algorithm.rollout_correction.bypass_mode=True would swap in verl's own loss: refused before training."""
+    from verl.trainer.ppo.rollout_corr_helper import apply_bypass_mode
+
+    config = trainer_config("algorithm.rollout_correction.bypass_mode=True")
+    with pytest.raises(ValueError, match="bypass_mode=True replaces loss_mode='stapo'"):
+        validate(config)
+    with pytest.raises(ValueError, match="bypass_mode=True replaces loss_mode='stapo'"):
+        apply_bypass_mode(batch=None, rollout_corr_config=config.algorithm.rollout_correction,
+                          policy_loss_config=config.actor_rollout_ref.actor.policy_loss)
+    from pathlib import Path
+
+    documented = _main_ppo_overrides((Path(__file__).resolve().parents[1] / "docs/verl.md").read_text())
+    validate(trainer_config(*documented))  # the documented command passes
 
 
 @pytest.mark.parametrize("name", sv.LOSS_MODES)

@@ -46,6 +46,7 @@ try:
 except ImportError as err:  # pragma: no cover - only without the extra
     raise ImportError("stapo.integrations.verl needs verl: pip install 'stapo[verl]'") from err
 
+from ..config.schema import ValueRefused
 from ..distributed import all_reduce_sum, gather_variable
 from ..objectives import (
     AGG_MODES,
@@ -56,6 +57,7 @@ from ..objectives import (
     plan_minibatch,
     policy_loss,
 )
+from ..objectives.registry import denominator_token_mask, objective_keep_mask
 
 __all__ = [
     "CONFIG_DIR",
@@ -64,6 +66,7 @@ __all__ = [
     "TESTED_VERL",
     "MiniBatch",
     "STAPOPolicyLossConfig",
+    "check_trainer_config",
     "check_verl_version",
     "minibatch_scope",
     "minibatch_statistics",
@@ -108,7 +111,9 @@ except RuntimeError as err:
     _log.error("%s", err)  # verl's entry-point loader swallows import errors at DEBUG level
     raise
 
-from verl.trainer.ppo import core_algos
+from verl.trainer.ppo import core_algos, rollout_corr_helper
+from verl.utils import config as verl_config_utils
+from verl.utils import tensordict_utils as tu
 from verl.workers.config import PolicyLossConfig
 from verl.workers.engine.base import BaseEngine
 from verl.workers.utils import losses as verl_losses
@@ -171,8 +176,42 @@ def objective_options(name: str, config, loss_agg_mode: str | None = None) -> di
     defaults = get_objective(name).config()
     for verl_field, option in _POLICY_LOSS_FIELDS[name].items():
         opts[option] = config.policy_loss.get(verl_field, getattr(defaults, option))
-    get_objective(name).config(**opts)  # validate now, with the option names in the error
+    try:
+        get_objective(name).config(**opts)  # validate now (verl's dual clip too: c > 1, as verl's own loss asserts)
+    except ValueRefused as err:
+        raise ValueError(f"actor_rollout_ref.actor.{_verl_key(name, err.key)} {err.problem} "
+                         f"(loss_mode={name!r})") from None
     return opts
+
+
+def _verl_key(name: str, option: str) -> str:
+    """verl's config key (under actor_rollout_ref.actor) of stapo objective option ``option``."""
+    fields = {stapo: f"policy_loss.{verl}" for verl, stapo in _POLICY_LOSS_FIELDS[name].items()}
+    return {"clip_low": "clip_ratio_low", "clip_high": "clip_ratio_high", "norm_length": "loss_scale_factor",
+            **fields}.get(option, option)
+
+
+def check_trainer_config(config) -> None:
+    """Refuse, before any worker starts, what verl would train past the S2T mask with a stapo loss mode.
+
+    ``config``: verl's whole trainer config (``main_ppo``'s). Checked from ``validate_config`` and
+    ``apply_bypass_mode`` (both wrapped at import).
+    """
+    actor = config.actor_rollout_ref.actor
+    name = actor.policy_loss.get("loss_mode", "vanilla")
+    if name not in LOSS_MODES:
+        return
+    correction = (config.get("algorithm") or {}).get("rollout_correction") or {}
+    if correction.get("bypass_mode", False):
+        raise ValueError(_BYPASS.format(mode=name))
+    c = actor.get("clip_ratio_c")
+    if c is not None and not c > 1:  # written so NaN fails too
+        raise ValueError(f"actor_rollout_ref.actor.clip_ratio_c must be > 1; got {c} (loss_mode={name!r}; verl's "
+                         "dual-clip PPO loss refuses it too)")
+
+
+_BYPASS = ("algorithm.rollout_correction.bypass_mode=True replaces loss_mode={mode!r} with verl's bypass_mode loss "
+           "(old_log_probs = the rollout's), which applies no S2T mask; set bypass_mode=False with loss_mode={mode!r}")
 
 
 class MiniBatch(NamedTuple):
@@ -185,6 +224,7 @@ class MiniBatch(NamedTuple):
 class _MicroBatch(NamedTuple):
     entropy: torch.Tensor  # [B, T] detached, this micro-batch
     minibatch: MiniBatch
+    response_mask: torch.Tensor  # [B, T] bool: the valid tokens (verl's KL / entropy terms may see fewer)
 
 
 _MINIBATCH: contextvars.ContextVar[MiniBatch | None] = contextvars.ContextVar("stapo_verl_minibatch", default=None)
@@ -213,11 +253,18 @@ def verl_policy_loss(name, old_log_prob, log_prob, advantages, response_mask, lo
             "algorithm.rollout_correction off"
         )
     opts = objective_options(name, config, loss_agg_mode)
-    loss, metrics = policy_loss(name, log_prob, old_log_prob, advantages, response_mask, entropy=micro.entropy,
+    loss, metrics = policy_loss(name, log_prob, old_log_prob, advantages, micro.response_mask, entropy=micro.entropy,
                                 denominator=micro.minibatch.denominator, **opts, **micro.minibatch.overrides)
     # verl's agg_loss convention: FSDP / DDP average gradients over DP ranks, so scale the global mean by dp_size
     dp_size = config.global_batch_info.get("dp_size", 1)
-    return loss * dp_size, {key: float(value) for key, value in metrics.items()}
+    return loss * dp_size, {metric_name(key): float(value) for key, value in metrics.items()}
+
+
+def metric_name(key: str) -> str:
+    """stapo's metric ``key`` under a name of its own in verl's logs (``actor/entropy`` is verl's already):
+    ``actor/x`` and ``loss/x`` become ``stapo/x``; ``s2t/*`` and ``entropy20/*`` are stapo's own."""
+    section, _, rest = key.partition("/")
+    return f"stapo/{rest}" if section in ("actor", "loss") else key
 
 
 for _mode in LOSS_MODES:
@@ -234,11 +281,32 @@ def ppo_loss_with_entropy(config, model_output, data, dp_group=None):
     if entropy is None:
         raise RuntimeError(f"loss_mode={mode!r}: the model output has no entropy; the engine ignored "
                            "calculate_entropy=True")
-    token = _MICROBATCH.set(_MicroBatch(no_padding_2_padding(entropy, data).detach(), minibatch))
+    entropy = no_padding_2_padding(entropy, data).detach()
+    dense = data.select("response_mask", "advantages").to_padded_tensor()  # [B, T] each
+    valid = dense["response_mask"].bool()
+    if config.use_kl_loss or config.entropy_coeff != 0:
+        log_prob = no_padding_2_padding(model_output["log_probs"], data).detach()
+        data = _loss_tokens_only(config, data, minibatch, log_prob, entropy, dense["advantages"], valid)
+    token = _MICROBATCH.set(_MicroBatch(entropy, minibatch, valid))
     try:
         return verl_losses.ppo_loss(config, model_output, data, dp_group)
     finally:
         _MICROBATCH.reset(token)
+
+
+def _loss_tokens_only(config, data, minibatch: MiniBatch, log_prob, entropy, advantages, valid):
+    """A shallow copy of ``data`` whose ``response_mask`` holds the tokens the stapo loss normalises over
+    and whose global count is the mini-batch's: verl's KL loss and entropy bonus then act where the
+    policy loss does (no gradient at a silenced token), normalised as it is, as stapo's own KL is."""
+    name = config.policy_loss.loss_mode
+    spec = get_objective(name)
+    cfg = spec.config(**objective_options(name, config), **minibatch.overrides)
+    keep = objective_keep_mask(spec, cfg, log_prob, entropy, advantages, valid)
+    out = data.copy()
+    out["response_mask"] = denominator_token_mask(spec, cfg, keep, valid).to(data["response_mask"].dtype)
+    count = "batch_num_tokens" if cfg.loss_agg_mode == "token-mean" else "global_batch_size"
+    tu.assign_non_tensor(out, **{count: max(int(minibatch.denominator), 1)})
+    return out
 
 
 def minibatch_statistics(name: str, opts: dict[str, Any], logprobs: torch.Tensor, entropy: torch.Tensor,
@@ -292,8 +360,6 @@ def _install() -> None:
         config = _stapo_config(loss_function)
         if config is None:
             return original(self, data, loss_function)
-        from verl.utils import tensordict_utils as tu
-
         name = config.policy_loss.loss_mode
         opts = objective_options(name, config)
         tu.assign_non_tensor(data, calculate_entropy=True)
@@ -302,6 +368,26 @@ def _install() -> None:
 
     train_batch._stapo_hook = True
     BaseEngine.train_batch = train_batch
+    _check_before(verl_config_utils, "validate_config", lambda config, *a, **k: check_trainer_config(config))
+    _check_before(rollout_corr_helper, "apply_bypass_mode", _refuse_bypass)
+
+
+def _check_before(module, attr: str, check) -> None:
+    """``module.attr`` runs ``check`` with its arguments first (``main_ppo`` imports them after this module)."""
+    original = getattr(module, attr)
+
+    @functools.wraps(original)
+    def checked(*args, **kwargs):
+        check(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    setattr(module, attr, checked)
+
+
+def _refuse_bypass(batch=None, rollout_corr_config=None, policy_loss_config=None):
+    mode = (policy_loss_config or {}).get("loss_mode", "vanilla")
+    if mode in LOSS_MODES:
+        raise ValueError(_BYPASS.format(mode=mode))
 
 
 def pass_through_installed() -> bool:
