@@ -15,18 +15,25 @@ How it hooks into verl 0.9 (no fork; everything happens at import, in every proc
    (one call per optimizer mini-batch on each DP rank) is wrapped: when its loss is verl's
    ``ppo_loss`` with one of these loss modes it (a) forces ``calculate_entropy``, (b) runs a no-grad
    pre-pass over the whole mini-batch with the current weights (``engine.infer_batch``, the
-   engine's own forward, micro-batched as training), (c) takes τ_h (``stapo.minibatch_overrides``)
-   over the S2T candidates of the mini-batch on all DP ranks and the global kept-token count
-   (``stapo.loss_token_mask``), exactly as stapo's own trainer does (``trainer/phases.py``), and
-   (d) trains with ``ppo_loss_with_entropy``: verl's own ``ppo_loss`` with the micro-batch's entropy
-   routed to the registered loss. Cost: one extra no-grad forward per mini-batch.
+   engine's own forward, micro-batched as training), (c) plans the mini-batch with
+   ``stapo.plan_minibatch``, the planner stapo's own trainer and the TRL integration call
+   (``minibatch_statistics``: τ_h over the S2T candidates of the mini-batch on all DP ranks, and the
+   global kept-token count), and (d) trains with ``ppo_loss_with_entropy``: verl's own ``ppo_loss``
+   with the micro-batch's entropy routed to the registered loss. Cost: one extra no-grad forward
+   per mini-batch.
 3. Normaliser. verl's token-mean divides by all valid tokens of the mini-batch and multiplies by
    the DP size (FSDP averages gradients over ranks). S2T drops silenced tokens from the count too,
-   so the registered loss divides by the kept units of the mini-batch on all ranks instead.
-4. Loud failures. Importing this module under a verl outside ``TESTED_VERL`` raises (and logs at
+   so the registered loss divides by the kept units of the mini-batch on all ranks instead. With
+   ``use_kl_loss`` or ``entropy_coeff != 0``, verl's KL loss and entropy bonus see the same tokens
+   and the same count (a silenced token gets no gradient from them), as stapo's own KL does.
+4. Metrics. stapo's metrics are logged as ``stapo/*`` (``stapo/entropy``, ``stapo/clip_frac_high``,
+   ``stapo/policy``), ``s2t/*`` and ``entropy20/*``, beside verl's own ``actor/*``.
+5. Loud failures. Importing this module under a verl outside ``TESTED_VERL`` raises (and logs at
    ERROR, since verl's entry-point loader hides import errors at DEBUG). A ``stapo`` / ``entropy20``
    loss called outside the hook (another loss path, distillation, a verl that moved the call)
-   raises instead of training without the mask; so does rollout correction (IS weights).
+   raises instead of training without the mask; so do rollout correction (IS weights),
+   ``algorithm.rollout_correction.bypass_mode=True`` and ``clip_ratio_c <= 1`` (checked by verl's
+   ``validate_config`` in the driver, before any worker starts; ``check_trainer_config``).
 """
 
 from __future__ import annotations
