@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -314,6 +315,31 @@ def test_config_defaults_and_validation():
     for name, bad in (("s2t_prob_threshold", 1.5), ("s2t_entropy_quantile", -0.1), ("s2t_entropy_quantile", float("nan"))):
         with pytest.raises(ValueError, match=name):
             _config(**{name: bad})
+
+
+def test_s2t_disabled_has_grpo_config_defaults():
+    """STAPOConfig(s2t_enabled=False) equals GRPOConfig option for option (issue 24: three defaults differed)."""
+    where = {"output_dir": _config().output_dir, "use_cpu": True, "bf16": False}
+    off, grpo, again = STAPOConfig(s2t_enabled=False, **where), GRPOConfig(**where), GRPOConfig(**where)
+    fields = [f.name for f in dataclasses.fields(GRPOConfig) if getattr(grpo, f.name) == getattr(again, f.name)]
+    assert len(fields) > 100 and {"epsilon_high", "delta", "disable_dropout"} <= set(fields)
+    assert {name: getattr(off, name) for name in fields} == {name: getattr(grpo, name) for name in fields}
+    assert off.stapo_token_stats is False  # TRL's own forward: GRPOTrainer's numbers, not stapo's to rounding
+
+
+def test_s2t_disabled_trains_like_grpo_trainer_with_its_defaults():
+    """The same options, TRL's defaults for the rest: STAPOTrainer(s2t_enabled=False) logs GRPOTrainer's losses.
+    num_iterations=2 moves the policy between passes, so the clip defaults matter (they did not match before)."""
+    common = {k: v for k, v in BASE.items() if k not in ("epsilon_high", "delta", "disable_dropout")}
+    common.update(max_steps=4, num_iterations=2, learning_rate=0.05)
+    out = os.path.join(tempfile.gettempdir(), "stapo-trl-tests")
+    grpo, _ = _train(GRPOTrainer, GRPOConfig(output_dir=out, **common))
+    off, _ = _train(STAPOTrainer, STAPOConfig(output_dir=out, s2t_enabled=False, **common))
+    assert len(_losses(grpo)) == 4
+    _assert_rel_close(_losses(off), _losses(grpo))
+    paper, _ = _train(STAPOTrainer, STAPOConfig(output_dir=out, s2t_enabled=False, epsilon_high=0.28, delta=10.0,
+                                               **common))
+    assert float((_losses(paper) - _losses(grpo)).abs().max()) > 1e-4  # the old defaults: another loss
 
 
 def test_trainer_rejects_grpo_config_and_mask_free_options():

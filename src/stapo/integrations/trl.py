@@ -101,18 +101,24 @@ check_trl_version()
 class STAPOConfig(GRPOConfig):
     """``GRPOConfig`` plus the S2T mask of STAPO (arXiv 2602.15620).
 
-    Defaults that differ from ``GRPOConfig``, to give the paper's objective (JustRL + S2T):
+    Four options default to None, which resolves by ``s2t_enabled``. With S2T on they give the
+    paper's objective (JustRL + S2T):
 
     - ``epsilon_high=0.28``: clip-higher (DAPO);
     - ``delta=10.0``: TRL's two-sided clip caps ρ at δ in the unclipped term. For A < 0 that is
       verl's dual clip with c = δ (``max(min(a, c), b) = min(max(a, b), c)`` for b ≤ c); for A > 0
       it never binds because 1 + ε_high < δ. So the loss is ``stapo.policy_loss("stapo")``'s;
-    - ``disable_dropout=True``: the S2T pre-pass and the loss must score the same policy.
+    - ``disable_dropout=True``: the S2T pre-pass and the loss must score the same policy;
+    - ``stapo_token_stats=True``: stapo's chunked head scores the tokens.
+
+    With ``s2t_enabled=False`` they take ``GRPOConfig``'s defaults (None, None, False) and TRL's own
+    forward, so every option equals ``GRPOConfig``'s and the run is ``GRPOTrainer``'s.
     """
 
     s2t_enabled: bool = dataclasses.field(
         default=True,
-        metadata={"help": "Apply the S2T mask (Silencing Spurious Tokens). False trains exactly like GRPOTrainer."},
+        metadata={"help": "Apply the S2T mask (Silencing Spurious Tokens). False: GRPOConfig's defaults for every "
+                          "option, and training exactly like GRPOTrainer."},
     )
     s2t_prob_threshold: float = dataclasses.field(
         default=S2TSettings.prob_threshold,
@@ -125,28 +131,44 @@ class STAPOConfig(GRPOConfig):
                           "of the optimizer step (all processes, all accumulation micro-batches) are silenced."},
     )
     epsilon_high: float | None = dataclasses.field(
-        default=0.28, metadata={"help": "Upper clip ε_high (clip-higher); STAPO/JustRL use 0.28."}
+        default=None, metadata={"help": "Upper clip ε_high. Unset: 0.28 (clip-higher, STAPO/JustRL) with "
+                                        "s2t_enabled, else GRPOConfig's (= epsilon)."}
     )
     delta: float | None = dataclasses.field(
-        default=10.0,
-        metadata={"help": "Two-sided clip δ; for negative advantages it equals verl's dual clip c (10 in STAPO)."},
+        default=None,
+        metadata={"help": "Two-sided clip δ; for negative advantages it equals verl's dual clip c. Unset: 10 (STAPO) "
+                          "with s2t_enabled, else GRPOConfig's (off)."},
     )
-    disable_dropout: bool = dataclasses.field(
-        default=True, metadata={"help": "Disable dropout so the S2T pass and the loss see the same policy."}
+    disable_dropout: bool | None = dataclasses.field(
+        default=None, metadata={"help": "Disable dropout. Unset: True with s2t_enabled (the S2T pass and the loss "
+                                        "must see the same policy), else GRPOConfig's False."}
     )
-    stapo_token_stats: bool = dataclasses.field(
-        default=True,
+    stapo_token_stats: bool | None = dataclasses.field(
+        default=None,
         metadata={"help": "Compute per-token log-probs and entropies with stapo.ops.model_token_stats (no [B, T, V] "
                           "logits; position ids as generate assigns them) where it applies "
-                          "(STAPOTrainer.token_stats_blocker is None); False uses TRL's fused-head forward."},
+                          "(STAPOTrainer.token_stats_blocker is None); False uses TRL's fused-head forward. "
+                          "Unset: True with s2t_enabled, else False (exactly GRPOTrainer's numbers)."},
     )
 
     def __post_init__(self):
+        for name, (with_s2t, without) in _S2T_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, with_s2t if self.s2t_enabled else without)
         super().__post_init__()
         for name in ("s2t_prob_threshold", "s2t_entropy_quantile"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:  # written so NaN fails too
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+# option -> (its default with S2T on: the paper's, read from stapo's objective; with S2T off: GRPOConfig's)
+_S2T_DEFAULTS = {
+    "epsilon_high": (S2TSettings.clip_high, GRPOConfig.epsilon_high),
+    "delta": (S2TSettings.clip_ratio_c, GRPOConfig.delta),
+    "disable_dropout": (True, GRPOConfig.disable_dropout),
+    "stapo_token_stats": (True, False),
+}
 
 
 def check_s2t_compatible(args) -> None:
