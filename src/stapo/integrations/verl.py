@@ -183,19 +183,19 @@ def objective_options(name: str, config, loss_agg_mode: str | None = None) -> di
     defaults = get_objective(name).config()
     for verl_field, option in _POLICY_LOSS_FIELDS[name].items():
         opts[option] = config.policy_loss.get(verl_field, getattr(defaults, option))
-    try:
-        get_objective(name).config(**opts)  # validate now (verl's dual clip too: c > 1, as verl's own loss asserts)
-    except ValueRefused as err:
-        raise ValueError(f"actor_rollout_ref.actor.{_verl_key(name, err.key)} {err.problem} "
-                         f"(loss_mode={name!r})") from None
+    _check_options(name, opts)
     return opts
 
 
-def _verl_key(name: str, option: str) -> str:
-    """verl's config key (under actor_rollout_ref.actor) of stapo objective option ``option``."""
-    fields = {stapo: f"policy_loss.{verl}" for verl, stapo in _POLICY_LOSS_FIELDS[name].items()}
-    return {"clip_low": "clip_ratio_low", "clip_high": "clip_ratio_high", "norm_length": "loss_scale_factor",
-            **fields}.get(option, option)
+def _check_options(name: str, opts: dict[str, Any]) -> None:
+    """The objective's own ranges (its dual clip needs c > 1, as verl's loss asserts), named as verl's keys."""
+    try:
+        get_objective(name).config(**opts)
+    except ValueRefused as err:
+        fields = {stapo: f"policy_loss.{verl}" for verl, stapo in _POLICY_LOSS_FIELDS[name].items()}
+        key = {"clip_low": "clip_ratio_low", "clip_high": "clip_ratio_high", "norm_length": "loss_scale_factor",
+               **fields}.get(err.key, err.key)
+        raise ValueError(f"actor_rollout_ref.actor.{key} {err.problem} (loss_mode={name!r})") from None
 
 
 def check_trainer_config(config) -> None:
@@ -211,10 +211,7 @@ def check_trainer_config(config) -> None:
     correction = (config.get("algorithm") or {}).get("rollout_correction") or {}
     if correction.get("bypass_mode", False):
         raise ValueError(_BYPASS.format(mode=name))
-    c = actor.get("clip_ratio_c")
-    if c is not None and not c > 1:  # written so NaN fails too
-        raise ValueError(f"actor_rollout_ref.actor.clip_ratio_c must be > 1; got {c} (loss_mode={name!r}; verl's "
-                         "dual-clip PPO loss refuses it too)")
+    _check_options(name, {"clip_ratio_c": actor.get("clip_ratio_c")})
 
 
 _BYPASS = ("algorithm.rollout_correction.bypass_mode=True replaces loss_mode={mode!r} with verl's bypass_mode loss "
