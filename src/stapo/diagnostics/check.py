@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from ..objectives.masks import TAU_P
 from . import theory
 
 __all__ = ["theory_check", "theory_markdown"]
@@ -134,7 +135,7 @@ def theory_check(
         "natural_paper_agreement": _agree(dh_nat, pred_paper),
         "paper_exact_agreement": _agree(pred_exact, pred_paper),
         "entropy_up_measured_fraction": float((dh_plain > 0).double().mean()),
-        "low_p_fraction": float((prob < 0.002).double().mean()),
+        "low_p_fraction": float((prob < TAU_P).double().mean()),  # S2T's τ_p
         "n_model_tokens": m_count,
         "model_exact_agreement": _agree(dh_model, pred_exact[:m_count]),
         "model_paper_agreement": _agree(dh_model, pred_paper[:m_count]),
@@ -180,7 +181,7 @@ def theory_markdown(r: dict) -> str:
 
     return "\n".join([
         (f"Sampled {r['n_tokens']} response tokens from {r['n_sequences']} of the model's own rollouts "
-         f"(|V| = {r['vocab_size']}, A = +1; {pct(r['low_p_fraction'])} have p < 0.002); float64."),
+         f"(|V| = {r['vocab_size']}, A = +1; {pct(r['low_p_fraction'])} have p < {TAU_P:g}); float64."),
         "",
         "| check | result |",
         "|---|---|",
