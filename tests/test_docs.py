@@ -1,0 +1,250 @@
+"""Every fenced command in README.md and docs/*.md runs as written.
+
+Each ```bash / ```sh / ```console block runs in bash, each ```python block as a script (so its
+`__main__` guard matters), in a fresh folder holding the repository's files and the files a reader
+brings (`WORLD`). Long jobs are shortened in ONE way: shell functions named `stapo`, `python` and
+`make` append the arguments in `SHORTEN` to `stapo train`, `stapo eval`, `make demo` and
+`make test` (README, "Testing the docs"). The text of the doc is never rewritten.
+
+A block that cannot run here carries a marker on the line before its fence,
+`<!-- doc-test: skip REASON: detail -->` with REASON one of `SKIP_REASONS`, and is skipped by
+name with that reason. A fence that is no command (output, YAML, a file listing) names its
+language (```text, ```yaml, ...); an untagged fence fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+SHELL_LANGS = {"bash", "sh", "console"}
+RUN_LANGS = SHELL_LANGS | {"python"}
+DATA_LANGS = {"text", "yaml", "json", "markdown", "toml", "ini", "diff"}
+SKIP_REASONS = {
+    "gpu": "needs a GPU",
+    "network": "needs the network (the hub or a package index)",
+    "vllm": "needs vLLM (make test-vllm)",
+    "verl": "needs verl (make test-verl)",
+    "placeholder": "names a path or object only the reader has",
+}
+MARKER = re.compile(r"<!--\s*doc-test:\s*(.*?)\s*-->")
+SKIP = re.compile(r"skip\s+(\w+)(?::\s*(.+))?$")
+FENCE = re.compile(r"^```(.*)$")
+
+# The one shortening mechanism: appended to the command as the reader typed it ({tiny}: the
+# tests' tiny model, in place of a hub id or the demo's warm-started base).
+SHORTEN = {
+    "stapo train": ("model.name_or_path={tiny} steps=1 rollout.prompts_per_step=2 rollout.n=2 "
+                    "rollout.max_new_tokens=8 rollout.generation_batch_size=4 optim.mini_batch_prompts=2 "
+                    "optim.micro_batch_size=4 data.heldout=null save_every=1 diagnostics.dump_every=1 "
+                    "reward.num_workers=1 threads=1"),
+    "stapo train --resume": "steps=2",  # one step past the world's run
+    "stapo eval --model": "--model {tiny}",
+    "stapo eval": ("--limit 1 --max-new-tokens 8 --reward-workers 1 "
+                   "--samples aime24=1,aime25=1,amc23=1,math500=1,minerva=1,olympiadbench=1"),
+    "make demo": "OVERRIDES",  # make's variable, set to SHORTEN["stapo train"]
+    "make test": "--collect-only -q tests/test_docs.py",  # PYTEST_ARGS: this very runner, collected only
+}
+REPO_ENTRIES = ["configs", "src", "tests", "examples", "benchmarks", "Makefile", "pyproject.toml"]
+RUN_NAMES = ["stapo-s0-20261127-1200", "my_run"]  # the run the docs resume and analyze
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    doc: Path
+    line: int  # of the opening fence, 1-based
+    heading: str
+    lang: str
+    text: str
+    marker: str | None
+
+    @property
+    def name(self) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.heading.lower()).strip("-")[:40]
+        return f"{self.doc.relative_to(ROOT)}:{self.line}-{slug or 'top'}"
+
+
+def parse(doc: Path) -> list[Block]:
+    """The fenced blocks of one Markdown file, with the heading above each and its marker."""
+    blocks, heading, lines = [], "", doc.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        fence = FENCE.match(line)
+        if fence:
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+            prev = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            marker = MARKER.search(prev)
+            blocks.append(Block(doc, i + 1, heading, fence.group(1).strip().split(" ")[0],
+                                "\n".join(lines[i + 1:end]) + "\n", marker.group(1) if marker else None))
+            i = end
+        i += 1
+    return blocks
+
+
+BLOCKS = [b for doc in DOCS for b in parse(doc)]
+RUNNABLE = [b for b in BLOCKS if b.lang in RUN_LANGS]
+
+
+def skip_reason(block: Block) -> str | None:
+    if block.marker is None:
+        return None
+    kind, detail = SKIP.match(block.marker).groups()
+    return f"{SKIP_REASONS[kind]}: {detail}" if detail else SKIP_REASONS[kind]
+
+
+def test_every_fence_names_its_language_and_every_marker_is_known():
+    problems = []
+    for b in BLOCKS:
+        if b.lang not in RUN_LANGS | DATA_LANGS:
+            problems.append(f"{b.name}: fence language {b.lang!r}; tag it one of {sorted(RUN_LANGS | DATA_LANGS)}")
+        if b.marker is not None:
+            m = SKIP.match(b.marker)
+            if not m or m.group(1) not in SKIP_REASONS:
+                problems.append(f"{b.name}: marker {b.marker!r}; use 'skip REASON[: detail]', REASON in {sorted(SKIP_REASONS)}")
+            elif b.lang not in RUN_LANGS:
+                problems.append(f"{b.name}: a skip marker on a {b.lang!r} block, which never runs")
+    for doc in DOCS:  # a marker that lost its fence (text moved) would silently stop applying
+        lines = doc.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if MARKER.search(line):
+                nxt = next((x for x in lines[i + 1:] if x.strip()), "")
+                if not nxt.startswith("```"):
+                    problems.append(f"{doc.relative_to(ROOT)}:{i + 1}: marker not followed by a fence")
+    assert not problems, "\n".join(problems)
+
+
+# ------------------------------------------------------------------ the world a block runs in
+
+
+def shell_preamble(venv: Path, tiny: Path) -> str:
+    """bash functions that apply SHORTEN; everything else is the reader's command as written."""
+    s = {k: v.format(tiny=tiny) for k, v in SHORTEN.items()}
+    return f"""set -eo pipefail
+stapo() {{
+  case "${{1:-}}" in
+    train) if [[ " $* " == *" --resume "* ]]; then command stapo "$@" {s["stapo train --resume"]}
+           else command stapo "$@" {s["stapo train"]}; fi ;;
+    eval) if [[ " $* " == *" --model "* ]]; then command stapo "$@" {s["stapo eval"]} {s["stapo eval --model"]}
+          elif [[ " $* " == *" --compare "* ]]; then command stapo "$@"
+          else command stapo "$@" {s["stapo eval"]}; fi ;;
+    *) command stapo "$@" ;;
+  esac
+}}
+python() {{ if [ "${{1:-}}" = -m ] && [ "${{2:-}}" = stapo ]; then shift 2; stapo "$@"; else command python "$@"; fi; }}
+make() {{ command make VENV={venv} -o {venv}/.stamp "$@" {s["make demo"]}="{s["stapo train"]}" PYTEST_ARGS="{s["make test"]}"; }}
+"""
+
+
+def block_env() -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    return env
+
+
+def run_in(cwd: Path, cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=block_env(), capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir) -> Path:
+    """The files the docs name that a reader brings: their data, a run to resume and analyze, a config."""
+    path = tmp_path_factory.mktemp("doc_world")
+    (path / "my.yaml").write_text((ROOT / "configs" / "demo.yaml").read_text())
+    for entry in REPO_ENTRIES:
+        (path / entry).symlink_to(ROOT / entry)
+    short = SHORTEN["stapo train"].format(tiny=tiny_model_dir).split()
+    steps = [["stapo", "data", "convert", "math500", "dapo-math-17k.parquet", "--limit", "16"],
+             ["stapo", "train", "data.train=demo", "output_dir=runs", f"run_name={RUN_NAMES[0]}", *short]]
+    for cmd in steps:
+        proc = run_in(path, cmd)
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    for name in RUN_NAMES[1:]:
+        shutil.copytree(path / "runs" / RUN_NAMES[0], path / "runs" / name, symlinks=True)
+    for entry in REPO_ENTRIES:
+        (path / entry).unlink()
+    return path
+
+
+_RESULTS: dict[tuple[str, str], subprocess.CompletedProcess] = {}
+
+
+def run_block(block: Block, world: Path, tiny: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run a block once per text (README and docs/ repeat some); a block runs in a fresh copy of the world."""
+    key = (block.lang, block.text)
+    if key not in _RESULTS:
+        cwd = tmp_path / "cwd"
+        shutil.copytree(world, cwd, symlinks=True)
+        for entry in REPO_ENTRIES:
+            (cwd / entry).symlink_to(ROOT / entry)
+        if block.lang == "python":
+            script = cwd / "doc_block.py"
+            script.write_text(block.text)
+            _RESULTS[key] = run_in(cwd, [sys.executable, script.name])
+        else:
+            script = cwd / "doc_block.sh"
+            script.write_text(shell_preamble(Path(sys.prefix), tiny) + shell_text(block))
+            _RESULTS[key] = run_in(cwd, ["bash", script.name])
+    return _RESULTS[key]
+
+
+def shell_text(block: Block) -> str:
+    """A console block's commands are its `$ ` lines (and their continuations); bash/sh run whole."""
+    if block.lang != "console":
+        return block.text
+    out, cont = [], False
+    for line in block.text.splitlines():
+        if line.startswith("$ ") or cont:
+            out.append(line[2:] if line.startswith("$ ") else line)
+            cont = line.endswith("\\")
+    return "\n".join(out) + "\n"
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=[b.name for b in RUNNABLE])
+def test_block_runs_as_written(block, world, tiny_model_dir, tmp_path):
+    reason = skip_reason(block)
+    if reason:
+        pytest.skip(f"{block.name}: {reason}")
+    proc = run_block(block, world, tiny_model_dir, tmp_path)
+    assert proc.returncode == 0, (f"{block.name} failed (exit {proc.returncode}); if it cannot run here, "
+                                  f"mark it <!-- doc-test: skip REASON -->\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
+
+
+# ------------------------------------------------------------------ what particular blocks print
+
+
+def readme_block(needle: str) -> Block:
+    return next(b for b in RUNNABLE if b.doc.name == "README.md" and needle in b.text)
+
+
+def test_readme_opens_with_the_two_commands():
+    first = next(b for b in BLOCKS if b.doc.name == "README.md" and b.lang == "bash").text.splitlines()
+    assert first[0].startswith("make demo") and "make test" in first[1]
+
+
+def test_objective_zoo_example_prints_its_loss(world, tiny_model_dir, tmp_path):
+    proc = run_block(readme_block('stapo.policy_loss("stapo"'), world, tiny_model_dir, tmp_path)
+    assert re.match(r"loss -?\d+\.\d{4}, silenced \d+ of \d+ candidates", proc.stdout), proc.stderr[-2000:]
+
+
+def test_reward_pool_example_runs_as_a_script(world, tiny_model_dir, tmp_path):
+    """Saved as a script, as a user would: spawned workers re-import it, so it needs the main guard."""
+    block = readme_block("RewardPool(")
+    assert 'if __name__ == "__main__":' in block.text
+    proc = run_block(block, world, tiny_model_dir, tmp_path)
+    assert proc.stdout.strip() == "[1.0, 0.0]", proc.stderr[-2000:]
