@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,9 @@ SKIP_REASONS = {
     "verl": "needs verl (make test-verl)",
     "placeholder": "names a path or object only the reader has",
 }
-MARKER = re.compile(r"<!--\s*doc-test:\s*(.*?)\s*-->")
+MARKER = re.compile(r"^<!--\s*doc-test:\s*(.*?)\s*-->$")  # a line of its own
 SKIP = re.compile(r"skip\s+(\w+)(?::\s*(.+))?$")
-FENCE = re.compile(r"^```(.*)$")
+FENCE = re.compile(r"^```([^`]*)$")  # CommonMark: no backtick in the info string
 
 # The one shortening mechanism: appended to the command as the reader typed it ({tiny}: the
 # tests' tiny model, in place of a hub id or the demo's warm-started base).
@@ -84,9 +85,9 @@ def parse(doc: Path) -> list[Block]:
             heading = line.lstrip("#").strip()
         fence = FENCE.match(line)
         if fence:
-            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].rstrip() == "```")
             prev = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-            marker = MARKER.search(prev)
+            marker = MARKER.match(prev.strip())
             blocks.append(Block(doc, i + 1, heading, fence.group(1).strip().split(" ")[0],
                                 "\n".join(lines[i + 1:end]) + "\n", marker.group(1) if marker else None))
             i = end
@@ -119,7 +120,7 @@ def test_every_fence_names_its_language_and_every_marker_is_known():
     for doc in DOCS:  # a marker that lost its fence (text moved) would silently stop applying
         lines = doc.read_text().splitlines()
         for i, line in enumerate(lines):
-            if MARKER.search(line):
+            if MARKER.match(line.strip()):
                 nxt = next((x for x in lines[i + 1:] if x.strip()), "")
                 if not nxt.startswith("```"):
                     problems.append(f"{doc.relative_to(ROOT)}:{i + 1}: marker not followed by a fence")
@@ -181,26 +182,28 @@ def world(tmp_path_factory, tiny_model_dir) -> Path:
     return path
 
 
-_RESULTS: dict[tuple[str, str], subprocess.CompletedProcess] = {}
+def run_block(block: Block, world: Path, tiny: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """Run one block in ``cwd``, a fresh copy of the world beside the repository's files."""
+    shutil.copytree(world, cwd, symlinks=True)
+    for entry in REPO_ENTRIES:
+        (cwd / entry).symlink_to(ROOT / entry)
+    if block.lang == "python":
+        (cwd / "doc_block.py").write_text(block.text)
+        return run_in(cwd, [sys.executable, "doc_block.py"])
+    (cwd / "doc_block.sh").write_text(shell_preamble(Path(sys.prefix), tiny) + shell_text(block))
+    return run_in(cwd, ["bash", "doc_block.sh"])
 
 
-def run_block(block: Block, world: Path, tiny: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run a block once per text (README and docs/ repeat some); a block runs in a fresh copy of the world."""
-    key = (block.lang, block.text)
-    if key not in _RESULTS:
-        cwd = tmp_path / "cwd"
-        shutil.copytree(world, cwd, symlinks=True)
-        for entry in REPO_ENTRIES:
-            (cwd / entry).symlink_to(ROOT / entry)
-        if block.lang == "python":
-            script = cwd / "doc_block.py"
-            script.write_text(block.text)
-            _RESULTS[key] = run_in(cwd, [sys.executable, script.name])
-        else:
-            script = cwd / "doc_block.sh"
-            script.write_text(shell_preamble(Path(sys.prefix), tiny) + shell_text(block))
-            _RESULTS[key] = run_in(cwd, ["bash", script.name])
-    return _RESULTS[key]
+@pytest.fixture(scope="module")
+def results(world, tiny_model_dir, tmp_path_factory) -> dict:
+    """Every block that is not marked, run once per text (README and docs/ repeat some), two at a
+    time: each runs one torch thread, so two share a 2-core machine without contending."""
+    todo = {(b.lang, b.text): b for b in RUNNABLE if skip_reason(b) is None}
+    base = tmp_path_factory.mktemp("doc_blocks")
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        futures = {key: pool.submit(run_block, b, world, tiny_model_dir, base / f"block{i}")
+                   for i, (key, b) in enumerate(todo.items())}
+        return {key: f.result() for key, f in futures.items()}
 
 
 def shell_text(block: Block) -> str:
@@ -216,11 +219,11 @@ def shell_text(block: Block) -> str:
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.name for b in RUNNABLE])
-def test_block_runs_as_written(block, world, tiny_model_dir, tmp_path):
+def test_block_runs_as_written(block, request):
     reason = skip_reason(block)
     if reason:
         pytest.skip(f"{block.name}: {reason}")
-    proc = run_block(block, world, tiny_model_dir, tmp_path)
+    proc = request.getfixturevalue("results")[(block.lang, block.text)]
     assert proc.returncode == 0, (f"{block.name} failed (exit {proc.returncode}); if it cannot run here, "
                                   f"mark it <!-- doc-test: skip REASON -->\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
 
@@ -237,14 +240,15 @@ def test_readme_opens_with_the_two_commands():
     assert first[0].startswith("make demo") and "make test" in first[1]
 
 
-def test_objective_zoo_example_prints_its_loss(world, tiny_model_dir, tmp_path):
-    proc = run_block(readme_block('stapo.policy_loss("stapo"'), world, tiny_model_dir, tmp_path)
+def test_objective_zoo_example_prints_its_loss(results):
+    block = readme_block('stapo.policy_loss("stapo"')
+    proc = results[(block.lang, block.text)]
     assert re.match(r"loss -?\d+\.\d{4}, silenced \d+ of \d+ candidates", proc.stdout), proc.stderr[-2000:]
 
 
-def test_reward_pool_example_runs_as_a_script(world, tiny_model_dir, tmp_path):
+def test_reward_pool_example_runs_as_a_script(results):
     """Saved as a script, as a user would: spawned workers re-import it, so it needs the main guard."""
     block = readme_block("RewardPool(")
     assert 'if __name__ == "__main__":' in block.text
-    proc = run_block(block, world, tiny_model_dir, tmp_path)
+    proc = results[(block.lang, block.text)]
     assert proc.stdout.strip() == "[1.0, 0.0]", proc.stderr[-2000:]
