@@ -213,7 +213,7 @@ def shell_text(block: Block) -> str:
     out, cont = [], False
     for line in block.text.splitlines():
         if line.startswith("$ ") or cont:
-            out.append(line[2:] if line.startswith("$ ") else line)
+            out.append(line.removeprefix("$ "))
             cont = line.endswith("\\")
     return "\n".join(out) + "\n"
 
@@ -252,3 +252,14 @@ def test_reward_pool_example_runs_as_a_script(results):
     assert 'if __name__ == "__main__":' in block.text
     proc = results[(block.lang, block.text)]
     assert proc.stdout.strip() == "[1.0, 0.0]", proc.stderr[-2000:]
+
+
+def test_parser_reads_headings_markers_and_console_commands(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Top\n\n## Run it\n\n<!-- doc-test: skip gpu: 8 GPUs -->\n\n```bash\nnvidia-smi\n```\n\n"
+                   "```console\n$ stapo config --keys \\\n    | head -1\nConfig keys ...\n$ echo hi\nhi\n```\n\n```\nlisting\n```\n")
+    gpu, console, bare = parse(doc)
+    assert (gpu.line, gpu.heading, gpu.lang, gpu.marker) == (7, "Run it", "bash", "skip gpu: 8 GPUs")
+    assert skip_reason(gpu) == "needs a GPU: 8 GPUs"
+    assert console.marker is None and shell_text(console) == "stapo config --keys \\\n    | head -1\necho hi\n"
+    assert bare.lang == "" and bare.lang not in RUN_LANGS | DATA_LANGS  # the fence test rejects it
