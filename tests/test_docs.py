@@ -8,7 +8,8 @@ brings (`WORLD`). Long jobs are shortened in ONE way: shell functions named `sta
 
 A block that cannot run here carries a marker on the line before its fence,
 `<!-- doc-test: skip REASON: detail -->` with REASON one of `SKIP_REASONS`, and is skipped by
-name with that reason. A fence that is no command (output, YAML, a file listing) names its
+name with that reason; a block that shows an error carries `<!-- doc-test: exit N -->` and must
+exit N (bash stops at its first failing command). A fence that is no command (output, YAML, a file listing) names its
 language (```text, ```yaml, ...); an untagged fence fails.
 """
 
@@ -40,6 +41,7 @@ SKIP_REASONS = {
 }
 MARKER = re.compile(r"^<!--\s*doc-test:\s*(.*?)\s*-->$")  # a line of its own
 SKIP = re.compile(r"skip\s+(\w+)(?::\s*(.+))?$")
+EXIT = re.compile(r"exit\s+(\d+)$")  # a block that shows an error: its first failing command exits N
 FENCE = re.compile(r"^```([^`]*)$")  # CommonMark: no backtick in the info string
 
 # The one shortening mechanism: appended to the command as the reader typed it ({tiny}: the
@@ -100,7 +102,7 @@ RUNNABLE = [b for b in BLOCKS if b.lang in RUN_LANGS]
 
 
 def skip_reason(block: Block) -> str | None:
-    if block.marker is None:
+    if block.marker is None or EXIT.match(block.marker):
         return None
     kind, detail = SKIP.match(block.marker).groups()
     return f"{SKIP_REASONS[kind]}: {detail}" if detail else SKIP_REASONS[kind]
@@ -113,8 +115,9 @@ def test_every_fence_names_its_language_and_every_marker_is_known():
             problems.append(f"{b.name}: fence language {b.lang!r}; tag it one of {sorted(RUN_LANGS | DATA_LANGS)}")
         if b.marker is not None:
             m = SKIP.match(b.marker)
-            if not m or m.group(1) not in SKIP_REASONS:
-                problems.append(f"{b.name}: marker {b.marker!r}; use 'skip REASON[: detail]', REASON in {sorted(SKIP_REASONS)}")
+            if not EXIT.match(b.marker) and (not m or m.group(1) not in SKIP_REASONS):
+                problems.append(f"{b.name}: marker {b.marker!r}; use 'skip REASON[: detail]' with REASON in "
+                                f"{sorted(SKIP_REASONS)}, or 'exit N'")
             elif b.lang not in RUN_LANGS:
                 problems.append(f"{b.name}: a skip marker on a {b.lang!r} block, which never runs")
     for doc in DOCS:  # a marker that lost its fence (text moved) would silently stop applying
@@ -224,8 +227,10 @@ def test_block_runs_as_written(block, request):
     if reason:
         pytest.skip(f"{block.name}: {reason}")
     proc = request.getfixturevalue("results")[(block.lang, block.text)]
-    assert proc.returncode == 0, (f"{block.name} failed (exit {proc.returncode}); if it cannot run here, "
-                                  f"mark it <!-- doc-test: skip REASON -->\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
+    expected = int(EXIT.match(block.marker).group(1)) if block.marker and EXIT.match(block.marker) else 0
+    assert proc.returncode == expected, (
+        f"{block.name} exited {proc.returncode}, not {expected}; if it cannot run here, mark it "
+        f"<!-- doc-test: skip REASON -->\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
 
 
 # ------------------------------------------------------------------ what particular blocks print
@@ -257,9 +262,11 @@ def test_reward_pool_example_runs_as_a_script(results):
 def test_parser_reads_headings_markers_and_console_commands(tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text("# Top\n\n## Run it\n\n<!-- doc-test: skip gpu: 8 GPUs -->\n\n```bash\nnvidia-smi\n```\n\n"
-                   "```console\n$ stapo config --keys \\\n    | head -1\nConfig keys ...\n$ echo hi\nhi\n```\n\n```\nlisting\n```\n")
-    gpu, console, bare = parse(doc)
+                   "```console\n$ stapo config --keys \\\n    | head -1\nConfig keys ...\n$ echo hi\nhi\n```\n\n```\nlisting\n```\n"
+                   "<!-- doc-test: exit 2 -->\n```bash\nstapo train rollout.nn=3\n```\n")
+    gpu, console, bare, error = parse(doc)
     assert (gpu.line, gpu.heading, gpu.lang, gpu.marker) == (7, "Run it", "bash", "skip gpu: 8 GPUs")
     assert skip_reason(gpu) == "needs a GPU: 8 GPUs"
     assert console.marker is None and shell_text(console) == "stapo config --keys \\\n    | head -1\necho hi\n"
     assert bare.lang == "" and bare.lang not in RUN_LANGS | DATA_LANGS  # the fence test rejects it
+    assert error.marker == "exit 2" and EXIT.match(error.marker) and skip_reason(error) is None
