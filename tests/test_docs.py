@@ -197,11 +197,27 @@ def run_block(block: Block, world: Path, tiny: Path, cwd: Path) -> subprocess.Co
     return run_in(cwd, ["bash", "doc_block.sh"])
 
 
+# tests below that read what a README block prints: the block they read
+PRINTED = {"test_objective_zoo_example_prints_its_loss": 'stapo.policy_loss("stapo"',
+           "test_reward_pool_example_runs_as_a_script": "RewardPool("}
+
+
+def selected_blocks(items) -> list[Block]:
+    """The blocks the selected tests need (all, in `make test`; fewer under -k)."""
+    blocks = []
+    for item in items:
+        if hasattr(item, "callspec") and "block" in item.callspec.params:
+            blocks.append(item.callspec.params["block"])
+        elif item.name in PRINTED:
+            blocks.append(readme_block(PRINTED[item.name]))
+    return [b for b in blocks if skip_reason(b) is None]
+
+
 @pytest.fixture(scope="module")
-def results(world, tiny_model_dir, tmp_path_factory) -> dict:
-    """Every block that is not marked, run once per text (README and docs/ repeat some), two at a
+def results(request, world, tiny_model_dir, tmp_path_factory) -> dict:
+    """The selected unmarked blocks, run once per text (README and docs/ repeat some), two at a
     time: each runs one torch thread, so two share a 2-core machine without contending."""
-    todo = {(b.lang, b.text): b for b in RUNNABLE if skip_reason(b) is None}
+    todo = {(b.lang, b.text): b for b in selected_blocks(request.session.items)}
     base = tmp_path_factory.mktemp("doc_blocks")
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         futures = {key: pool.submit(run_block, b, world, tiny_model_dir, base / f"block{i}")
@@ -246,14 +262,14 @@ def test_readme_opens_with_the_two_commands():
 
 
 def test_objective_zoo_example_prints_its_loss(results):
-    block = readme_block('stapo.policy_loss("stapo"')
+    block = readme_block(PRINTED["test_objective_zoo_example_prints_its_loss"])
     proc = results[(block.lang, block.text)]
     assert re.match(r"loss -?\d+\.\d{4}, silenced \d+ of \d+ candidates", proc.stdout), proc.stderr[-2000:]
 
 
 def test_reward_pool_example_runs_as_a_script(results):
     """Saved as a script, as a user would: spawned workers re-import it, so it needs the main guard."""
-    block = readme_block("RewardPool(")
+    block = readme_block(PRINTED["test_reward_pool_example_runs_as_a_script"])
     assert 'if __name__ == "__main__":' in block.text
     proc = results[(block.lang, block.text)]
     assert proc.stdout.strip() == "[1.0, 0.0]", proc.stderr[-2000:]
