@@ -286,3 +286,27 @@ def test_parser_reads_headings_markers_and_console_commands(tmp_path):
     assert console.marker is None and shell_text(console) == "stapo config --keys \\\n    | head -1\necho hi\n"
     assert bare.lang == "" and bare.lang not in RUN_LANGS | DATA_LANGS  # the fence test rejects it
     assert error.marker == "exit 2" and EXIT.match(error.marker) and skip_reason(error) is None
+
+
+# ------------------------------------------------------------------ commands named outside the docs
+
+
+def test_commands_named_in_the_examples_exist():
+    """The examples' docstrings name stapo subcommands (`stapo data convert ...`): each one exists."""
+    named = {m for path in (ROOT / "examples").glob("*.py")
+             for m in re.findall(r"``(stapo(?: [a-z]+){1,2})", path.read_text())}
+    assert named, "no stapo command named in examples/*.py: update this test"
+    for cmd in sorted(named):
+        proc = run_in(ROOT, [*cmd.split(), "--help"], timeout=60)
+        assert proc.returncode == 0, f"{cmd}: {proc.stderr[-500:]}"
+
+
+def test_verl_config_comment_prints_the_config_dir():
+    """The config's own comment says how to find it; verl is only in its own environment."""
+    comment = (ROOT / "src/stapo/integrations/verl_config/stapo_trainer.yaml").read_text()
+    inner = re.search(r'--config-path="\$\((.*?)\)"', comment).group(1)
+    verl_python = ROOT / ".venv-verl" / "bin" / "python"
+    if not verl_python.exists():
+        pytest.skip(f"needs verl (make test-verl): {verl_python} not built")
+    proc = run_in(ROOT, ["bash", "-c", inner.replace("python ", f"{verl_python} ", 1)], timeout=120)
+    assert proc.returncode == 0 and (Path(proc.stdout.strip()) / "stapo_trainer.yaml").is_file(), proc.stderr[-1000:]
