@@ -130,6 +130,23 @@ def test_every_fence_names_its_language_and_every_marker_is_known():
     assert not problems, "\n".join(problems)
 
 
+def test_no_command_hides_in_an_indented_code_block():
+    """An indented code block is never run: a command or a sample goes in a fence instead."""
+    found = []
+    for doc in DOCS:
+        in_fence, prev, last_text = False, "", ""
+        for i, line in enumerate(doc.read_text().splitlines()):
+            if line.startswith("```"):
+                in_fence = not in_fence
+            elif not in_fence and line.startswith("    ") and line.strip() and not prev.strip() \
+                    and not re.match(r"\s|[-*+] |\d+\. |\|", last_text):  # not a list item's continuation
+                found.append(f"{doc.relative_to(ROOT)}:{i + 1}: {line.strip()[:60]}")
+            if line.strip():
+                last_text = line
+            prev = line
+    assert not found, "fence these (```bash, ```text, ...):\n" + "\n".join(found)
+
+
 # ------------------------------------------------------------------ the world a block runs in
 
 
