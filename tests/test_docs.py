@@ -2,15 +2,15 @@
 
 Each ```bash / ```sh / ```console block runs in bash, each ```python block as a script (so its
 `__main__` guard matters), in a fresh folder holding the repository's files and the files a reader
-brings (`WORLD`). Long jobs are shortened in ONE way: shell functions named `stapo`, `python` and
+brings (the `world` fixture). Long jobs are shortened in ONE way: shell functions named `stapo`, `python` and
 `make` append the arguments in `SHORTEN` to `stapo train`, `stapo eval`, `make demo` and
 `make test` (README, "Testing the docs"). The text of the doc is never rewritten.
 
 A block that cannot run here carries a marker on the line before its fence,
 `<!-- doc-test: skip REASON: detail -->` with REASON one of `SKIP_REASONS`, and is skipped by
 name with that reason; a block that shows an error carries `<!-- doc-test: exit N -->` and must
-exit N (bash stops at its first failing command). A fence that is no command (output, YAML, a file listing) names its
-language (```text, ```yaml, ...); an untagged fence fails.
+exit N (bash stops at its first failing command). A fence that is no command (output, YAML, a
+file listing) names its language (```text, ```yaml, ...); an untagged fence fails.
 """
 
 from __future__ import annotations
