@@ -25,8 +25,6 @@ import tempfile
 
 import torch
 
-# the rollout-vs-trainer corrections live with the objectives; re-exported here, where they began
-from ..objectives.corrections import rollout_mismatch, tis_weights  # noqa: F401
 from .base import Generation, Generator, SamplingConfig
 
 INSTALL_HINT = (

@@ -148,7 +148,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                     if objective.needs_teacher:  # 5b. self-distillation (DASD, OPSD)
                         compute_teacher_logprobs(model, batch, tokenizer, cfg, device)  # privileged context, no grad
                     # 6. ppo_epochs × mini-batches of M prompts: thresholds, accumulate, clip, step
-                    metrics |= update_policy(model, optimizer, batch, cfg, device, params_fresh=True, ctx=ctx,
+                    metrics |= update_policy(model, optimizer, batch, cfg, device, ctx=ctx,
                                              gate=gate, collision=diagnostics.enabled, objective=objective)
                     metrics |= diagnostics.measure(batch)  # rollout policy's p, H, quadrants, what S2T silences
                 scheduler.step()
