@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import islice
 
 import pytest
 
@@ -109,7 +110,7 @@ def test_dynamic_sampling_drops_all_equal_groups_and_refills_while_awake(rounds,
     recorded = iter(gen.sampled)
     total = 0
     for step, (calls, m) in enumerate(zip(per_step, metrics), start=1):
-        groups = [(prompt, rewards_of(prompt, texts)) for prompt, texts in (next(recorded) for _ in range(P * calls))]
+        groups = [(prompt, rewards_of(prompt, texts)) for prompt, texts in islice(recorded, P * calls)]
         flat = [r for _, rs in groups for r in rs]
         # refills run until P informative groups are in, or the rounds are spent
         assert calls == 1 + m["rollout/refill_rounds"] <= 1 + rounds

@@ -131,10 +131,11 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                 t1 = time.perf_counter()
                 # 3. verifiable rewards, scored in the worker pool under hard time limits
                 metrics = score_rollouts(pool, batch)
-                sampled = len(batch)
+                sampled = len(batch)  # responses sampled this step, refills included
                 if cfg.rollout.dynamic_sampling:  # DAPO: keep informative groups only, refill
-                    batch, sampled, metrics = _refill(batch, metrics, pool, sampler, generator, tokenizer, cfg, ctx)
-                generator.sleep()  # after the last generate: a colocated engine (vLLM sleep mode) frees its memory
+                    batch, sampled, metrics = _refill(batch, metrics, pool, sampler, generator, tokenizer,
+                                                      cfg, ctx)
+                generator.sleep()  # after the last generate: a colocated engine (vLLM sleep mode) frees memory
                 state["rollouts"] += int(all_reduce_sum(sampled))
                 t2 = time.perf_counter()
                 # 4. group-relative advantages (a group never straddles ranks)
