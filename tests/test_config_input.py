@@ -162,6 +162,15 @@ def test_a_billion_laughs_is_one_line_at_once_and_leaves_no_run_folder(tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("override", ["log_every=5", "tensorboard=true"])
+def test_removed_keys_are_unknown_keys_in_one_line(override, tmp_path, capsys):
+    """`log_every` (read by nothing) and `tensorboard: true` (now `logger: [console, tensorboard]`) are gone."""
+    key = override.split("=")[0]
+    one_line_exit_2(["train", override, f"output_dir={tmp_path / 'runs'}"], capsys,
+                    f"stapo train: error: unknown config key '{key}'; allowed keys here: ", "logger")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_yaml_duplicate_and_recursive_keys_name_the_line(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("steps: 3\noptim:\n  lr: 1.0e-6\n  warmup_steps: 0\n  lr: 1.0e-5\n")

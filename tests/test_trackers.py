@@ -18,7 +18,7 @@ import pytest
 from rich.console import Console
 
 from stapo.config import ConfigError, build_config
-from stapo.trainer.logger import RunLogger, chosen_loggers
+from stapo.trainer.logger import RunLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {  # what the loop would log: a held-out accuracy at steps 0 and 3 only, a NaN that no tracker gets
@@ -153,7 +153,9 @@ def read_tensorboard_scalars(run_dir):
 
 def test_logger_config():
     assert build_config(None, []).logger == ["console"]
-    assert chosen_loggers(build_config(None, ["tensorboard=true"])) == ["console", "tensorboard"]  # older key
+    # the pre-`logger` key is gone: an unknown key, named, with `logger` among the allowed ones
+    with pytest.raises(ConfigError, match=r"^unknown config key 'tensorboard'; allowed keys here: .*\blogger\b"):
+        build_config(None, ["tensorboard=true"])
     with pytest.raises(ConfigError, match=r"config key 'logger': unknown logger 'neptune'; choose from console, wandb"):
         build_config(None, ["logger=[console,neptune]"])
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from stapo.rollout.vllm import rollout_mismatch, tis_weights
+from stapo.objectives import rollout_mismatch, tis_weights
 
 
 def _batch(seed, b=4, t=7):

@@ -21,3 +21,11 @@ def nan_reward(data_source, solution_str, ground_truth, extra_info=None):
     if "3" in solution_str:
         return float("nan")
     return 1.0 if str(ground_truth)[0] in solution_str else 0.0
+
+
+def parity_reward(data_source, solution_str, ground_truth, extra_info=None):
+    """Every response to an even gold scores 1: an all-equal group, which dynamic sampling drops.
+    Odd golds score as ``digit_reward``, mostly mixed groups on a random tiny model."""
+    if int(ground_truth) % 2 == 0:
+        return 1.0
+    return digit_reward(data_source, solution_str, ground_truth, extra_info)

@@ -148,7 +148,6 @@ class TrainConfig:
     run_name: str | None = None  # default: "<objective>-s<seed>-<time>"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     threads: int = option(0, ge=0)  # torch CPU threads; 0 = all free cores
-    log_every: int = option(1, ge=1)
     save_every: int = option(50, ge=1)
     keep_last: int = option(2, ge=1)
     eval_every: int = option(0, ge=0)  # 0 = only before and after training
@@ -157,7 +156,6 @@ class TrainConfig:
     # mlflow, tensorboard; each tracker is an extra (pip install 'stapo[wandb]'), see trainer/trackers.py
     logger: list[str] = dataclasses.field(default_factory=lambda: ["console"])
     project: str = "stapo"  # the trackers' project / experiment name; the run is run_name
-    tensorboard: bool = False  # older spelling of adding tensorboard to logger
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
@@ -249,7 +247,7 @@ def _validate(cfg: TrainConfig) -> None:
             raise ConfigError(msg)
     from ..trainer.trackers import missing_tracker
 
-    if (problem := missing_tracker(cfg.logger + ["tensorboard"] * cfg.tensorboard)) is not None:
+    if (problem := missing_tracker(cfg.logger)) is not None:
         raise ConfigError(problem)
     if get_objective(cfg.objective.name).needs_teacher:  # self-distillation: the teacher context must render
         from ..distill import check_templates

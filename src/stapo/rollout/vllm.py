@@ -25,8 +25,6 @@ import tempfile
 
 import torch
 
-# the rollout-vs-trainer corrections live with the objectives; re-exported here, where they began
-from ..objectives.corrections import rollout_mismatch, tis_weights  # noqa: F401
 from .base import Generation, Generator, SamplingConfig
 
 INSTALL_HINT = (
@@ -108,6 +106,7 @@ class VLLMGenerator(Generator):
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.tokenizer = tokenizer
         self.enable_sleep_mode = enable_sleep_mode
+        self.asleep = False  # between sleep() and wake_up(): the engine must not be asked for anything
         tmp = None
         if model_path is None:
             tmp = tempfile.mkdtemp(prefix="stapo-vllm-")
@@ -136,6 +135,7 @@ class VLLMGenerator(Generator):
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
         """``sampling.n`` generations per prompt, in prompt order, each with its tokens' log-probs."""
+        self._check_awake("generate")
         if not prompts or any(not p for p in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
         if sampling.n < 1 or sampling.max_new_tokens < 1:
@@ -158,6 +158,7 @@ class VLLMGenerator(Generator):
         CPU distribution); a bare ``load_weights`` fails on CPU, whose linear weights are repacked
         after loading, while ``reload_weights`` re-runs that post-processing.
         """
+        self._check_awake("update_weights")
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model)})
         self.llm.reset_prefix_cache()
@@ -168,10 +169,17 @@ class VLLMGenerator(Generator):
         """Free the engine's GPU memory while the trainer runs (level 1 keeps weights in CPU RAM)."""
         if self.enable_sleep_mode:
             self.llm.sleep(level=level)
+            self.asleep = True
 
     def wake_up(self) -> None:
         if self.enable_sleep_mode:
             self.llm.wake_up()
+            self.asleep = False
+
+    def _check_awake(self, call: str) -> None:
+        # a sleeping engine has dropped its KV cache (and offloaded its weights): fail, do not sample from it
+        if self.asleep:
+            raise RuntimeError(f"VLLMGenerator.{call}() on a sleeping engine: call wake_up() first")
 
     def close(self) -> None:
         """Release the engine (its KV cache can be GBs)."""

@@ -38,12 +38,6 @@ STATUS = (
 )
 
 
-def chosen_loggers(cfg) -> list[str]:
-    """``cfg.logger``, plus tensorboard for the older ``tensorboard: true``."""
-    names = list(cfg.logger)
-    return names + ["tensorboard"] if cfg.tensorboard and "tensorboard" not in names else names
-
-
 class RunLogger:
     """``with RunLogger(run_dir, cfg, start_step) as log: log.log(step, metrics); log.checkpoint(step, path)``.
 
@@ -56,7 +50,7 @@ class RunLogger:
 
         self.run_dir, self.path, self.write = Path(run_dir), Path(run_dir) / "metrics.jsonl", write
         self.total, self.start_step = cfg.steps, start_step
-        loggers = chosen_loggers(cfg)
+        loggers = list(cfg.logger)
         self.console = console or Console(quiet=quiet or not write)
         self.show_steps = "console" in loggers and write and not quiet
         self.live = self.show_steps and self.console.is_terminal

@@ -26,6 +26,7 @@ from ..distributed import (
 from ..objectives.training import objective_from_config
 from ..reuse import make_gate
 from ..rewards import RewardPool
+from ..rewards.pool import METRIC_KEYS
 from ..rollout import training_generator
 from . import rundir, setup
 from .checkpoint import load_trainer_state, save_checkpoint
@@ -127,13 +128,15 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                 problems = setup.shard(sampler.next(P), ctx)
                 batch = generate_rollouts(generator, tokenizer, problems,
                                           setup.render_prompts(problems, tokenizer, cfg), cfg.rollout)
-                generator.sleep()  # a colocated engine (vLLM sleep mode) frees its GPU memory for the update
                 t1 = time.perf_counter()
                 # 3. verifiable rewards, scored in the worker pool under hard time limits
                 metrics = score_rollouts(pool, batch)
+                sampled = len(batch)  # responses sampled this step, refills included
                 if cfg.rollout.dynamic_sampling:  # DAPO: keep informative groups only, refill
-                    batch = _refill(batch, pool, sampler, generator, tokenizer, cfg, ctx)
-                state["rollouts"] += int(all_reduce_sum(len(batch)))
+                    batch, sampled, metrics = _refill(batch, metrics, pool, sampler, generator, tokenizer,
+                                                      cfg, ctx)
+                generator.sleep()  # after the last generate: a colocated engine (vLLM sleep mode) frees memory
+                state["rollouts"] += int(all_reduce_sum(sampled))
                 t2 = time.perf_counter()
                 # 4. group-relative advantages (a group never straddles ranks)
                 attach_advantages(batch, G, cfg.objective.advantage)
@@ -148,7 +151,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                     if objective.needs_teacher:  # 5b. self-distillation (DASD, OPSD)
                         compute_teacher_logprobs(model, batch, tokenizer, cfg, device)  # privileged context, no grad
                     # 6. ppo_epochs × mini-batches of M prompts: thresholds, accumulate, clip, step
-                    metrics |= update_policy(model, optimizer, batch, cfg, device, params_fresh=True, ctx=ctx,
+                    metrics |= update_policy(model, optimizer, batch, cfg, device, ctx=ctx,
                                              gate=gate, collision=diagnostics.enabled, objective=objective)
                     metrics |= diagnostics.measure(batch)  # rollout policy's p, H, quadrants, what S2T silences
                 scheduler.step()
@@ -227,25 +230,39 @@ def _check_finite(metrics: dict, state: dict, cfg: TrainConfig, log) -> None:
         state["consecutive_nonfinite"] = 0
 
 
-def _refill(batch, pool, sampler, generator, tokenizer, cfg, ctx):
-    """DAPO dynamic sampling: drop all-equal groups, then generate more until P groups or the round limit."""
+def _refill(batch, metrics, pool, sampler, generator, tokenizer, cfg, ctx):
+    """DAPO dynamic sampling: drop groups whose rewards are all equal, and generate more until this rank has
+    its share of P groups or max_refill_rounds is spent; then top up with all-equal groups if still short.
+
+    Returns (the batch to train on, responses sampled, metrics): the reward metrics cover every response
+    sampled, refills included; ``rollout/constant_groups`` is the all-equal fraction of the sampled groups.
+    """
     from ..batch import RolloutBatch
 
     G, P = cfg.rollout.n, cfg.rollout.prompts_per_step
     share = P // ctx.world_size * G  # rows this rank trains on
     kept, constant = split_constant_groups(batch, G)
-    for _ in range(cfg.rollout.max_refill_rounds):
-        # every rank takes part in every round, so collective calls stay matched
-        if all_reduce_sum(float(len(kept) < share)) == 0:
-            break
+    metrics, rewards, dropped, rounds = dict(metrics), [batch.rewards], len(constant), 0
+    # every rank takes part in every round, so collective calls stay matched
+    while rounds < cfg.rollout.max_refill_rounds and all_reduce_sum(float(len(kept) < share)) > 0:
+        rounds += 1
         problems = setup.shard(sampler.next(P), ctx)
         extra = generate_rollouts(generator, tokenizer, problems, setup.render_prompts(problems, tokenizer, cfg),
                                   cfg.rollout)
-        score_rollouts(pool, extra)
-        kept = RolloutBatch.concat([kept, split_constant_groups(extra, G)[0]], tokenizer.pad_token_id)
+        counts = score_rollouts(pool, extra)
+        metrics.update({k: metrics[k] + counts[k] for k in METRIC_KEYS})  # the pool's counters, summed
+        informative, all_equal = split_constant_groups(extra, G)
+        kept = RolloutBatch.concat([kept, informative], tokenizer.pad_token_id)
+        rewards.append(extra.rewards)
+        dropped += len(all_equal)
     if len(kept) < share:  # too few informative groups: top up with zero-advantage ones
         kept = RolloutBatch.concat([kept, constant], tokenizer.pad_token_id)
-    return kept.select(slice(0, share))
+    kept = kept.select(slice(0, share))
+    kept.group_ids = torch.arange(share) // G  # each round numbered its prompts from 0
+    sampled = torch.cat(rewards)
+    metrics.update({"reward/mean": float(sampled.mean()), "rollout/refill_rounds": rounds,
+                    "rollout/constant_groups": dropped / len(sampled)})
+    return kept, len(sampled), metrics
 
 
 def _reward_kwargs(cfg: TrainConfig) -> dict:

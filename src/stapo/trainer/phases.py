@@ -202,7 +202,7 @@ class MetricMean:
         return {k: self.total[k] / self.weight[k] for k in self.total if self.weight[k] > 0}
 
 
-def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_fresh: bool,
+def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_fresh: bool = True,
                   ctx: DistContext = LOCAL, gate=None, collision: bool = False,
                   objective: TrainingObjective | None = None) -> dict[str, float]:
     """``ppo_epochs`` sweeps of optimizer mini-batches of M prompts over ``batch`` (Algorithm 1, lines 6-9).
@@ -214,9 +214,10 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
 
     ``objective``: built once per run (``objective_from_config(cfg)`` when None). Its statistics
     come from the rollout policy (``old_logprobs``) while the policy is still that one
-    (``params_fresh``: the first mini-batch of a step) or under ``objective.statistics: rollout``;
-    otherwise, for objectives whose mask reads a policy's statistics (S2T, 20-Entropy), from a
-    no-grad pass of the current policy. Objectives without such a mask run no extra pass.
+    (the first mini-batch of a step) or under ``objective.statistics: rollout``; otherwise, for
+    objectives whose mask reads a policy's statistics (S2T, 20-Entropy), from a no-grad pass of the
+    current policy. Objectives without such a mask run no extra pass. ``params_fresh=False`` is for
+    a caller that updates on ``batch`` again after the policy moved; the trainer's batches are fresh.
     If ``old_logprobs`` is None (``old_stats_from_update``), the first mini-batch's own forward fills
     ``old_logprobs``, ``old_entropy`` and, with ``collision``, ``old_collision`` of ``batch``.
 
