@@ -224,22 +224,12 @@ WORKERS = {"measure": measure_worker}
 # --- sections --------------------------------------------------------------------------------
 
 
-def _importable(module: str) -> bool:
-    """TRL's fused head runs when trl is carried (and imports: it needs datasets, which the image lacks)."""
-    import importlib
+def section_token_stats(run: Runner, sz: dict, work: Path) -> dict:
     import importlib.util
 
-    if importlib.util.find_spec(module.split(".")[0]) is None:
-        return False
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
-
-
-def section_token_stats(run: Runner, sz: dict, work: Path) -> dict:
-    variants = ["naive", "stapo"] + (["trl-chunked"] if _importable("trl.trainer.utils") else [])
+    # TRL's fused head, when trl is carried to the GPU machine (it is not by default: it needs datasets)
+    trl = sz["device"] == "cuda" and importlib.util.find_spec("trl") is not None
+    variants = ["naive", "stapo"] + (["trl-chunked"] if trl else [])
     raw = work / "token_stats.jsonl"
     s = sz["stats"]
     run.run([sys.executable, str(HERE.parent / "bench_token_stats.py"), "--device", sz["device"],
