@@ -145,7 +145,9 @@ def reach_stats(runs: list[dict], target: float, key: str) -> tuple[float, int]:
     return (statistics.fmean(vals) if vals else math.inf), len(vals)
 
 
-def analyse(results: list[dict], frac: float, labels: list[str]) -> dict:
+def analyse(results: list[dict], frac: float, taus: dict[str, float]) -> dict:
+    """Per objective: targets and one row per gate label; ``taus`` gives each label's τ (z counts over it)."""
+    labels = list(taus)
     out = {}
     for obj in sorted({r["objective"] for r in results}):
         runs = {g: [r for r in results if r["objective"] == obj and r["gate"] == g] for g in labels}
@@ -172,7 +174,7 @@ def analyse(results: list[dict], frac: float, labels: list[str]) -> dict:
             row["steps"] = len(steps)
             zs = [s["reuse/z"] for s in steps if s.get("reuse/z") is not None]
             row["z_max"] = max(zs) if zs else None
-            row["z_over"] = sum(z > 0.5 for z in zs)
+            row["z_over"] = sum(z > taus[g] for z in zs)
             row["clip_low"] = statistics.fmean(s["actor/clip_frac_low"] or 0 for s in steps) if steps else 0
             rows[g] = row
         out[obj] = {"start": start, "greedy_start": greedy_start, "none_final": none_final, "targets": targets,
@@ -206,11 +208,11 @@ def base_description(base: Path) -> str:
 
 def markdown(args, results: list[dict], machine: str, wall: float, base: Path) -> str:
     labels = [g["label"] for g in args.gates]
-    stats = analyse(results, args.target_frac, labels)
+    cfg = build_config(str(TASK_CONFIGS[args.task]) if TASK_CONFIGS[args.task] else None, args.override)
+    tau_of = {g["label"]: cfg.reuse.z_threshold if g["tau"] is None else g["tau"] for g in args.gates}
+    stats = analyse(results, args.target_frac, tau_of)
     walls = [r["wall_s"] for r in results if r.get("wall_s")]
-    cfg = build_config(str(TASK_CONFIGS[args.task]) if TASK_CONFIGS[args.task] else None)
-    taus = sorted({g["tau"] if g["tau"] is not None else cfg.reuse.z_threshold for g in args.gates
-                   if g["gate"] == "dgg"})
+    taus = sorted({tau_of[g["label"]] for g in args.gates if g["gate"] == "dgg"})
     lines = [
         f"## DGG: rollout reuse on `{args.task}`",
         "",
@@ -275,7 +277,7 @@ def markdown(args, results: list[dict], machine: str, wall: float, base: Path) -
         lines += [markdown_table(
             ["gate", "final acc", "Δ vs step 0", "final greedy", "greedy Δ", "responses to target (reached)",
              "× fewer than none", "train s to target", "× faster than none", "passes / step",
-             "vetoed steps", "max z on pass ≥ 2 (# > 0.5)", "clip-low %", "train s total"], rows), ""]
+             "vetoed steps", "max z on pass ≥ 2 (# > τ)", "clip-low %", "train s total"], rows), ""]
     per_seed = []
     for r in sorted(results, key=lambda r: (r["objective"], labels.index(r["gate"]), r["seed"])):
         per_seed.append([f"`{r['objective']}`", f"`{r['gate']}`", r["seed"],
