@@ -364,8 +364,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "out" / "gpu_check"))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (for make test)")
+    ap.add_argument("--budget-s", type=float, help="time budget in seconds (default: 480 on the GPU, 240 smoke)")
     args = ap.parse_args(argv)
-    sz = SMOKE if args.cpu_smoke else GPU
+    sz = dict(SMOKE if args.cpu_smoke else GPU, **({"budget_s": args.budget_s} if args.budget_s else {}))
     args.out.mkdir(parents=True, exist_ok=True)
     run = Runner(args.out / "gpu_check.log", sz["budget_s"])
     run.log.write_text("")

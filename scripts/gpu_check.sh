@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHL=${WHL:-.whl}
 SMOKE=0
-for a in "$@"; do [[ "$a" == "--cpu-smoke" ]] && SMOKE=1; done
+for a in "$@"; do if [[ "$a" == "--cpu-smoke" ]]; then SMOKE=1; fi; done
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
