@@ -20,7 +20,7 @@ Run (the recorded results; see RESULTS_token_stats.md):
   .venv/bin/python benchmarks/bench_token_stats.py --n 4096 --vocab 151936 --hidden 1024
   .venv/bin/python benchmarks/bench_token_stats.py --n 4096 --frozen-head
   .venv/bin/python benchmarks/bench_token_stats.py --n 4096 --variants stapo --chunk-sizes 256 512 1024 2048
-GPU (see gpu_check_token_stats.sh):
+GPU (scripts/gpu_check.sh runs naive and stapo at these sizes; add --tf32 or --frozen-head by hand):
   python benchmarks/bench_token_stats.py --device cuda --dtype bfloat16 --vocab 151936 --hidden 2048 --n 8192 16384
 """
 

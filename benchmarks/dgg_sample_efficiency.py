@@ -1,13 +1,17 @@
-"""DGG sample efficiency on the demo task (issue 9): reuse gates × objectives × RL seeds.
+"""DGG sample efficiency on a demo task (issues 9, 28): reuse gates × objectives × RL seeds.
 
 Compares ``reuse.gate`` = none (each rollout batch used once), fixed (K passes) and dgg (up to
-K passes, lm_head-gradient z-score veto), each with the STAPO and GRPO objectives, over RL seeds.
+K passes, lm_head-gradient z-score veto with threshold τ), each with the given objectives, over RL
+seeds. A gate is ``GATE[:K[:TAU]]`` (``fixed:2``, ``dgg:4:0.1``); without K it takes ``--max-reuse``,
+without τ the config's ``reuse.z_threshold`` (0.5).
 
-Every run is ``python -m stapo train`` on the built-in demo config (``stapo.config.DEMO``: P = 16
-prompts × G = 8 samples a step, M = 4 prompts so four optimizer steps a pass, lr 5e-5, ≤ 40 new tokens) with
-only these overrides: ``steps``, ``eval_every``, ``eval_samples``, ``data.heldout_size``, ``threads``,
+``--task demo`` (the default) runs the built-in demo config (``stapo.config.DEMO``: P = 16 prompts ×
+G = 8 samples a step, M = 4 prompts so four optimizer steps a pass, lr 5e-5, ≤ 40 new tokens);
+``--task demo_words`` runs configs/demo_words.yaml (worded solutions, where S2T fires: P = 128 × G = 8,
+M = 128, lr 3e-4, ≤ 64 new tokens). Every run is ``python -m stapo train`` on that config with only
+these overrides: ``steps``, ``eval_every``, ``eval_samples``, ``data.heldout_size``, ``threads``,
 ``diagnostics.dump_every=0``, ``reward.num_workers=1``, ``reuse.*`` and ``model.name_or_path`` = ONE
-demo base model (built once with ``--base-seed``) shared by every run, so runs differ only by
+base model of the task (built once with ``--base-seed``) shared by every run, so runs differ only by
 gate, objective and RL seed (problem order, sampling).
 
 Measured per run (from its metrics.jsonl): held-out accuracy (mean of ``eval_samples`` samples at
@@ -22,8 +26,12 @@ reported, but when the base model starts above that level it is met at step 0 by
 and measures nothing, hence the gain-based target.
 
 Run (the recorded results; see RESULTS_dgg.md):
-  .venv/bin/python benchmarks/dgg_sample_efficiency.py --steps 24 --eval-every 4 --heldout 64 \\
-      --eval-samples 4 --jobs 2 --out /tmp/dgg_bench --markdown benchmarks/RESULTS_dgg.md
+  .venv/bin/python benchmarks/dgg_sample_efficiency.py --steps 60 --eval-every 10 --heldout 64 \\
+      --eval-samples 4 --max-reuse 4 --jobs 2 --threads 1 --seeds 0 1 2 --objectives stapo grpo \\
+      --out /tmp/dgg_bench --markdown benchmarks/RESULTS_dgg.md
+On demo_words (issue 28; the command to run is in BENCHMARKS.md, "DGG on demo_words"):
+  .venv/bin/python benchmarks/dgg_sample_efficiency.py --task demo_words --objectives stapo justrl \\
+      --gates none fixed:2 fixed:4 dgg:4:0.1 dgg:4:0.5 --steps 30 --eval-every 5 --heldout 256 ...
 Runs already finished under --out are reused (delete the folder to start over).
 """
 
@@ -48,23 +56,42 @@ from _common import (
     write_report,
 )
 
-from stapo.config.train import DEMO
+from stapo.config.train import build_config
 
 OBJECTIVES = ["stapo", "grpo"]
 GATES = ["none", "fixed", "dgg"]
+TASK_CONFIGS = {"demo": None, "demo_words": ROOT / "configs" / "demo_words.yaml"}  # None: stapo.config.DEMO
+
+
+def parse_gate(text: str, max_reuse: int) -> dict:
+    """``GATE[:K[:TAU]]`` -> {label, gate, k, tau}; the label names the run and the table row."""
+    gate, *rest = text.split(":")
+    if gate not in GATES or len(rest) > 2 or (gate == "none" and rest) or (gate == "fixed" and len(rest) > 1):
+        raise argparse.ArgumentTypeError(f"gate {text!r}: expected none, fixed[:K] or dgg[:K[:TAU]]")
+    try:
+        k = int(rest[0]) if rest else max_reuse
+        tau = float(rest[1]) if len(rest) > 1 else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"gate {text!r}: K must be an integer and TAU a number") from None
+    # a gate given without K keeps the plain name, so the runs of earlier grids are reused
+    label = gate if not rest else f"{gate}-k{k}" + (f"-t{tau:g}" if tau is not None else "")
+    return {"label": label, "gate": gate, "k": k, "tau": tau}
 
 
 def run_name(objective: str, gate: str, seed: int) -> str:
     return f"{objective}-{gate}-s{seed}"
 
 
-def train_command(args, base: Path, objective: str, gate: str, seed: int) -> list[str]:
-    return [sys.executable, "-m", "stapo", "train", f"objective.name={objective}", f"seed={seed}",
-            f"model.name_or_path={base}", f"output_dir={args.out}", f"run_name={run_name(objective, gate, seed)}",
+def train_command(args, base: Path, objective: str, gate: dict, seed: int) -> list[str]:
+    config = [str(TASK_CONFIGS[args.task])] if TASK_CONFIGS[args.task] else []
+    tau = [f"reuse.z_threshold={gate['tau']}"] if gate["tau"] is not None else []
+    return [sys.executable, "-m", "stapo", "train", *config, f"objective.name={objective}", f"seed={seed}",
+            f"model.name_or_path={base}", f"output_dir={args.out}",
+            f"run_name={run_name(objective, gate['label'], seed)}",
             f"steps={args.steps}", f"save_every={args.steps}", f"eval_every={args.eval_every}",
             f"eval_samples={args.eval_samples}", f"data.heldout_size={args.heldout}", f"threads={args.threads}",
-            "diagnostics.dump_every=0", "reward.num_workers=1", f"reuse.gate={gate}",
-            f"reuse.max_reuse={args.max_reuse}", "--quiet"]
+            "diagnostics.dump_every=0", "reward.num_workers=1", f"reuse.gate={gate['gate']}",
+            f"reuse.max_reuse={gate['k']}", *tau, *args.override, "--quiet"]
 
 
 def summarise(run_dir: Path, steps: int) -> dict | None:
@@ -87,11 +114,11 @@ def summarise(run_dir: Path, steps: int) -> dict | None:
 
 def launch(args, base: Path, spec: tuple, previous: dict) -> dict:
     objective, gate, seed = spec
-    name = run_name(objective, gate, seed)
+    name = run_name(objective, gate["label"], seed)
     run_dir = args.out / name
     done = summarise(run_dir, args.steps)
     if done is not None:  # finished by an earlier invocation: keep the wall time it measured
-        return {"objective": objective, "gate": gate, "seed": seed, "reused": True,
+        return {"objective": objective, "gate": gate["label"], "seed": seed, "reused": True,
                 "wall_s": previous.get(name, {}).get("wall_s"), **done}
     wall = run_training(train_command(args, base, objective, gate, seed), run_dir, args.out / f"{name}.log",
                         args.threads, ROOT)
@@ -100,7 +127,7 @@ def launch(args, base: Path, spec: tuple, previous: dict) -> dict:
         raise RuntimeError(f"{name} finished without reaching step {args.steps}; see {args.out / (name + '.log')}")
     c = result["curve"]
     print(f"done {name} in {wall:.0f}s: acc {c[0]['acc']:.3f} -> {c[-1]['acc']:.3f}", flush=True)
-    return {"objective": objective, "gate": gate, "seed": seed, "wall_s": wall, **result}
+    return {"objective": objective, "gate": gate["label"], "seed": seed, "wall_s": wall, **result}
 
 
 # --- analysis ---------------------------------------------------------------------------------
@@ -118,10 +145,12 @@ def reach_stats(runs: list[dict], target: float, key: str) -> tuple[float, int]:
     return (statistics.fmean(vals) if vals else math.inf), len(vals)
 
 
-def analyse(results: list[dict], frac: float) -> dict:
+def analyse(results: list[dict], frac: float, taus: dict[str, float]) -> dict:
+    """Per objective: targets and one row per gate label; ``taus`` gives each label's τ (z counts over it)."""
+    labels = list(taus)
     out = {}
     for obj in sorted({r["objective"] for r in results}):
-        runs = {g: [r for r in results if r["objective"] == obj and r["gate"] == g] for g in GATES}
+        runs = {g: [r for r in results if r["objective"] == obj and r["gate"] == g] for g in labels}
         if not runs["none"]:
             continue
         start = statistics.fmean(r["curve"][0]["acc"] for gs in runs.values() for r in gs)
@@ -145,7 +174,7 @@ def analyse(results: list[dict], frac: float) -> dict:
             row["steps"] = len(steps)
             zs = [s["reuse/z"] for s in steps if s.get("reuse/z") is not None]
             row["z_max"] = max(zs) if zs else None
-            row["z_over"] = sum(z > 0.5 for z in zs)
+            row["z_over"] = sum(z > taus[g] for z in zs)
             row["clip_low"] = statistics.fmean(s["actor/clip_frac_low"] or 0 for s in steps) if steps else 0
             rows[g] = row
         out[obj] = {"start": start, "greedy_start": greedy_start, "none_final": none_final, "targets": targets,
@@ -178,15 +207,21 @@ def base_description(base: Path) -> str:
 
 
 def markdown(args, results: list[dict], machine: str, wall: float, base: Path) -> str:
-    stats = analyse(results, args.target_frac)
+    labels = [g["label"] for g in args.gates]
+    cfg = build_config(str(TASK_CONFIGS[args.task]) if TASK_CONFIGS[args.task] else None, args.override)
+    tau_of = {g["label"]: cfg.reuse.z_threshold if g["tau"] is None else g["tau"] for g in args.gates}
+    stats = analyse(results, args.target_frac, tau_of)
     walls = [r["wall_s"] for r in results if r.get("wall_s")]
+    taus = sorted({tau_of[g["label"]] for g in args.gates if g["gate"] == "dgg"})
     lines = [
-        "## DGG: rollout reuse on the demo task (issue 9)",
+        f"## DGG: rollout reuse on `{args.task}`",
         "",
-        (f"Command: `.venv/bin/python benchmarks/dgg_sample_efficiency.py --steps {args.steps} "
+        (f"Command: `.venv/bin/python benchmarks/dgg_sample_efficiency.py --task {args.task} --steps {args.steps} "
          f"--eval-every {args.eval_every} --heldout {args.heldout} --eval-samples {args.eval_samples} "
          f"--max-reuse {args.max_reuse} --jobs {args.jobs} --threads {args.threads} "
-         f"--seeds {' '.join(map(str, args.seeds))} --objectives {' '.join(args.objectives)}`"),
+         f"--seeds {' '.join(map(str, args.seeds))} --objectives {' '.join(args.objectives)} "
+         f"--gates {' '.join(args.gate_specs)}"
+         + (f" --override {' '.join(args.override)}" if args.override else "") + "`"),
         "",
         (f"Machine: {machine}. {len(results)} runs, {args.jobs} at a time with {args.threads} thread each"
          + (f"; a run took {statistics.fmean(walls):.0f} s wall on average, the grid ≈ "
@@ -194,11 +229,13 @@ def markdown(args, results: list[dict], machine: str, wall: float, base: Path) -
          + (f". This invocation: {wall / 60:.1f} min wall." if not all(r.get("reused") for r in results)
             else ". (Report regenerated from the finished runs.)")),
         "",
-        (f"Set-up: the built-in demo config (P = {DEMO['rollout']['prompts_per_step']} × G = {DEMO['rollout']['n']} "
-         f"responses a step, M = {DEMO['optim']['mini_batch_prompts']} prompts an optimizer step, "
-         f"lr {DEMO['optim']['lr']:g}, AdamW) for **{args.steps} RL steps** (the demo's default is {DEMO['steps']}), one "
-         f"base model shared by every run, {base_description(base)}; seeds are RL seeds. K = {args.max_reuse}; "
-         f"DGG at its defaults (τ = 0.5, W = 8, statistic = norm). Held-out accuracy: mean over "
+        (f"Set-up: the `{args.task}` config (P = {cfg.rollout.prompts_per_step} × G = {cfg.rollout.n} "
+         f"responses a step, M = {cfg.optim.mini_batch_prompts} prompts an optimizer step, "
+         f"lr {cfg.optim.lr:g}, AdamW) for **{args.steps} RL steps** (the config's own is {cfg.steps}), one "
+         f"base model shared by every run, {base_description(base)}; seeds are RL seeds. K = {args.max_reuse} "
+         f"unless a gate names its own (`fixed-k2`: K = 2; `dgg-k4-t0.1`: K = 4, τ = 0.1); DGG with "
+         f"τ ∈ {{{', '.join(f'{t:g}' for t in taus)}}}, W = {cfg.reuse.window}, statistic = "
+         f"{cfg.reuse.statistic}. Held-out accuracy: mean over "
          f"{args.eval_samples} samples at temperature 1 on {args.heldout} held-out problems, every "
          f"{args.eval_every} steps. Responses and training time are counted up to the first evaluation "
          f"at or above the target; the mean is over the seeds that reached it (reached = how many). "
@@ -221,7 +258,7 @@ def markdown(args, results: list[dict], machine: str, wall: float, base: Path) -
         ]
         none = s["rows"]["none"]
         rows = []
-        for g in GATES:
+        for g in labels:
             if g not in s["rows"]:
                 continue
             row = s["rows"][g]
@@ -240,9 +277,9 @@ def markdown(args, results: list[dict], machine: str, wall: float, base: Path) -
         lines += [markdown_table(
             ["gate", "final acc", "Δ vs step 0", "final greedy", "greedy Δ", "responses to target (reached)",
              "× fewer than none", "train s to target", "× faster than none", "passes / step",
-             "vetoed steps", "max z on pass ≥ 2 (# > 0.5)", "clip-low %", "train s total"], rows), ""]
+             "vetoed steps", "max z on pass ≥ 2 (# > τ)", "clip-low %", "train s total"], rows), ""]
     per_seed = []
-    for r in sorted(results, key=lambda r: (r["objective"], GATES.index(r["gate"]), r["seed"])):
+    for r in sorted(results, key=lambda r: (r["objective"], labels.index(r["gate"]), r["seed"])):
         per_seed.append([f"`{r['objective']}`", f"`{r['gate']}`", r["seed"],
                          " → ".join(f"{100 * e['acc']:.0f}" for e in r["curve"])])
     lines += ["Held-out accuracy curves (%, every evaluation):", "",
@@ -252,8 +289,10 @@ def markdown(args, results: list[dict], machine: str, wall: float, base: Path) -
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="demo", choices=sorted(TASK_CONFIGS))
     p.add_argument("--objectives", nargs="+", default=OBJECTIVES)
-    p.add_argument("--gates", nargs="+", default=GATES, choices=GATES)
+    p.add_argument("--gates", nargs="+", default=GATES, metavar="GATE[:K[:TAU]]",
+                   help="none, fixed[:K], dgg[:K[:TAU]] (default: none fixed dgg at --max-reuse)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--eval-every", type=int, default=10)
@@ -265,11 +304,20 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--base-seed", type=int, default=0)
     p.add_argument("--base", type=Path, default=None, help="a model directory to start from instead of the demo base")
+    p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more `stapo train` overrides for every run (e.g. a smaller P for a quick check)")
     p.add_argument("--out", type=Path, default=Path("/tmp/dgg_bench"))
     p.add_argument("--markdown", type=Path, default=None, help="write the result fragment here")
     args = p.parse_args(argv)
-    if "none" not in args.gates:
+    try:
+        args.gate_specs, args.gates = args.gates, [parse_gate(g, args.max_reuse) for g in args.gates]
+    except argparse.ArgumentTypeError as err:
+        p.error(str(err))
+    labels = [g["label"] for g in args.gates]
+    if "none" not in labels:
         p.error("--gates must include none: it is the baseline of every ratio")
+    if len(set(labels)) != len(labels):
+        p.error(f"--gates: a gate is given twice ({' '.join(args.gate_specs)})")
 
     import torch
 
@@ -281,7 +329,8 @@ def main(argv=None) -> int:
     machine_file = args.out / "machine.txt"
     machine = machine_file.read_text() if machine_file.exists() else machine_description()
     machine_file.write_text(machine)
-    base = args.base or build_base_model(args.out / "_demo_base" / f"seed{args.base_seed}", seed=args.base_seed)
+    base = args.base or build_base_model(args.out / "_demo_base" / f"seed{args.base_seed}", task=args.task,
+                                         seed=args.base_seed)
     # the slowest runs (reuse) first, so the pool does not end on one long straggler
     specs = [(o, g, s) for g in reversed(args.gates) for o in args.objectives for s in args.seeds]
     saved = args.out / "results.json"

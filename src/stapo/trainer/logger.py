@@ -121,14 +121,19 @@ class RunLogger:
 @contextlib.contextmanager
 def quiet_progress_bars():
     """transformers', datasets' and the hub's tqdm bars off inside the block, as they were after it."""
-    import datasets
     import huggingface_hub.utils as hub
     from transformers.utils import logging as transformers_logging
 
-    was = (transformers_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled(),
+    try:  # datasets is only needed to read dataset folders and hub datasets (a GPU image may lack it)
+        import datasets
+    except ImportError:
+        datasets = None
+    was = (transformers_logging.is_progress_bar_enabled(),
+           datasets is not None and datasets.is_progress_bar_enabled(),
            hub.are_progress_bars_disabled())  # fmt: skip
     transformers_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    if datasets is not None:
+        datasets.disable_progress_bars()
     hub.disable_progress_bars()
     try:
         yield
