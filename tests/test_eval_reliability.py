@@ -103,3 +103,18 @@ def test_a_run_folder_as_model_points_to_run(tmp_path, capsys):
 def test_bad_input_uses_the_error_prefix(tmp_path, capsys):
     assert main(["eval", "--model", "x", "--data-dir", str(DATA_DIR), "--benchmarks", "gsm8k"]) == 2
     assert capsys.readouterr().err.startswith("stapo eval: error: --benchmarks: unknown ['gsm8k']")
+
+
+def test_progress_in_a_pipe_names_each_benchmark(model_dir, tmp_path):
+    proc = _stapo(*_args(model_dir, tmp_path / "out", *QUICK, "--limit", "2", quiet=False))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "\r" not in err  # a pipe gets plain lines, not a redrawn bar
+    lines = err.splitlines()
+    assert lines[0].startswith(f"stapo eval: loading {model_dir} (float32, hf)")
+    # batch 2: amc23 is two chunks of 2 samples (first and last line), math500 one
+    # batch 2, 2 samples: each benchmark is two chunks of one problem; its first chunk and its end are shown
+    for bench in ("amc23", "math500"):
+        assert re.search(rf"^stapo eval: {bench}: 2/4 samples \(50%\), \d+:\d\d elapsed, ETA \d+:\d\d$", err, re.M)
+        assert re.search(rf"^stapo eval: {bench}: 4/4 samples, done in \d+:\d\d$", err, re.M)
+    assert "Loading weights" not in err

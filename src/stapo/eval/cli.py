@@ -196,6 +196,11 @@ def _run(args) -> int:
     check_config(out / CONFIG, config_record(args.model, dtype, settings, list(problems)))
     out.mkdir(parents=True, exist_ok=True)
     with out_lock(out):
+        from ..progress import Reporter
+
+        reporter = Reporter("eval", quiet=args.quiet)
+        reporter.hush_library_bars()
+        reporter.phase(f"loading {args.model} ({dtype}, {settings.backend})")
         model, tok, generator = load_for_eval(
             args.model, settings.backend, args.dtype, args.device, settings.batch_size
         )

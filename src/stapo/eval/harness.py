@@ -163,17 +163,17 @@ def _evaluate(model, tokenizer, problems_by_benchmark, settings, out, generator,
 
 def _generate_all(todo, problems_by_benchmark, tokenizer, generator, pool, settings, path, done, progress):
     """Run the missing chunks in order, appending each to ``path`` and ``done`` as it finishes."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ..progress import Reporter
 
     total = sum(len(c.sample_keys()) for c in todo)
+    per_bench = {b: sum(len(c.sample_keys()) for c in todo if c.benchmark == b) for b in problems_by_benchmark}
     prompts: dict[str, dict] = {b: {} for b in problems_by_benchmark}
     tokens, start = 0, time.perf_counter()
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    # stderr: stdout carries the results table
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task("eval samples", total=total)
+    with Reporter("eval", quiet=not progress) as reporter:  # stderr: stdout carries the results table
+        tasks = {}
         for chunk in todo:
+            if chunk.benchmark not in tasks:  # a benchmark's clock starts with its first chunk
+                tasks[chunk.benchmark] = reporter.task(chunk.benchmark, per_bench[chunk.benchmark])
             probs, cache = problems_by_benchmark[chunk.benchmark], prompts[chunk.benchmark]
             for i in chunk.problems:
                 if i not in cache:
@@ -185,11 +185,11 @@ def _generate_all(todo, problems_by_benchmark, tokenizer, generator, pool, setti
             for r in new:
                 done[(r["benchmark"], r["problem_index"], r["sample_index"])] = r
             tokens += sum(r["num_tokens"] for r in records)
-            bar.update(task, advance=len(records), description=f"eval {chunk.benchmark}")
+            tasks[chunk.benchmark].advance(len(records))
     seconds = time.perf_counter() - start
     if progress:
         print(
-            f"generated {total} samples, {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} "
+            f"stapo eval: generated {total} samples, {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} "
             "tokens/s, generation + verification)",
             file=sys.stderr,
         )
