@@ -67,8 +67,8 @@ def test_second_eval_into_one_out_exits_2_naming_the_holder(model_dir, tmp_path)
         first.wait()
     assert second.returncode == 2
     assert err.strip().splitlines() == [
-        f"stapo eval: error: --out {out} is in use by another stapo process (PID {first.pid}); "
-        "wait for it to finish or stop it, or choose another --out"
+        (f"stapo eval: error: --out {out} is in use by another stapo process (PID {first.pid}); "
+         "wait for it to finish or stop it, or choose another --out")
     ]
 
 
@@ -115,6 +115,6 @@ def test_progress_in_a_pipe_names_each_benchmark(model_dir, tmp_path):
     # batch 2: amc23 is two chunks of 2 samples (first and last line), math500 one
     # batch 2, 2 samples: each benchmark is two chunks of one problem; its first chunk and its end are shown
     for bench in ("amc23", "math500"):
-        assert re.search(rf"^stapo eval: {bench}: 2/4 samples \(50%\), \d+:\d\d elapsed, ETA \d+:\d\d$", err, re.M)
-        assert re.search(rf"^stapo eval: {bench}: 4/4 samples, done in \d+:\d\d$", err, re.M)
+        assert re.search(rf"^stapo eval: {bench}: 2/4 samples \(50%\), \d+:\d\d elapsed, ETA \d+:\d\d$", err, re.MULTILINE)
+        assert re.search(rf"^stapo eval: {bench}: 4/4 samples, done in \d+:\d\d$", err, re.MULTILINE)
     assert "Loading weights" not in err

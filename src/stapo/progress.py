@@ -16,13 +16,17 @@ import contextlib
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 EVERY_ENV = "STAPO_PROGRESS_EVERY"
 
 
 def _clock(seconds: float) -> str:
-    s = int(round(seconds))
+    s = round(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
@@ -62,13 +66,13 @@ class Reporter:
                  every: float | None = None):
         self.prefix = f"stapo {command}: " if command else ""
         self.quiet = quiet
-        self.every = float(os.environ.get(EVERY_ENV, 10)) if every is None else every
+        self.every = float(os.environ.get(EVERY_ENV, "10")) if every is None else every
         self._write = write or (lambda text: print(text, file=sys.stderr, flush=True))
         self._live = not quiet and write is None and sys.stderr.isatty()
         self._bar = None
         self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> Reporter:
+    def __enter__(self) -> Self:
         if self._live:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
