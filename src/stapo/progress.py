@@ -38,7 +38,8 @@ class Task:
         self.done, self.start, self._said = 0, time.monotonic(), None
         self._bar_id = reporter._bar.add_task(f"{reporter.prefix}{name}", total=total) if reporter._bar else None
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, note: str = "") -> None:
+        """``n`` more parts done; ``note`` (e.g. the current loss) ends the plain line."""
         self.done += n
         r = self.reporter
         if r._bar is not None:
@@ -47,7 +48,7 @@ class Task:
         now = time.monotonic()
         if self.done >= self.total or self._said is None or now - self._said >= r.every:
             self._said = now
-            r.say(self.line(now - self.start))
+            r.say(self.line(now - self.start) + (f", {note}" if note else ""))
 
     def line(self, elapsed: float) -> str:
         head = f"{self.name}: {self.done}/{self.total} {self.unit}"
