@@ -100,9 +100,16 @@ def test_a_run_folder_as_model_points_to_run(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_bad_input_uses_the_error_prefix(tmp_path, capsys):
+def test_bad_input_uses_the_error_prefix_and_leaves_no_folder(tmp_path, capsys):
     assert main(["eval", "--model", "x", "--data-dir", str(DATA_DIR), "--benchmarks", "gsm8k"]) == 2
     assert capsys.readouterr().err.startswith("stapo eval: error: --benchmarks: unknown ['gsm8k']")
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    assert main(["eval", "--model", str(not_a_model), "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "o"),
+                 "-q", *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"stapo eval: error: --model: cannot load a tokenizer from '{not_a_model}'")
+    assert not (tmp_path / "o").exists()
 
 
 def test_progress_in_a_pipe_names_each_benchmark(model_dir, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
+import shutil
 from pathlib import Path
 
 from ..cli import add_quiet_flag
@@ -194,16 +195,22 @@ def _run(args) -> int:
     dtype = dtype_name(args.dtype, args.device, settings.backend)
     # refused before the model loads: a folder another eval writes, or one of other settings
     check_config(out / CONFIG, config_record(args.model, dtype, settings, list(problems)))
+    from ..progress import Reporter
+
+    reporter = Reporter("eval", quiet=args.quiet)
+    reporter.hush_library_bars()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     with out_lock(out):
-        from ..progress import Reporter
-
-        reporter = Reporter("eval", quiet=args.quiet)
-        reporter.hush_library_bars()
-        reporter.phase(f"loading {args.model} ({dtype}, {settings.backend})")
-        model, tok, generator = load_for_eval(
-            args.model, settings.backend, args.dtype, args.device, settings.batch_size
-        )
+        try:
+            reporter.phase(f"loading {args.model} ({dtype}, {settings.backend})")
+            model, tok, generator = load_for_eval(
+                args.model, settings.backend, args.dtype, args.device, settings.batch_size
+            )
+        except ValueError:
+            if created:  # a model that does not load leaves no output folder behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
         results = evaluate(model, tok, problems, settings, out, generator=generator, model_name=args.model,
                            dtype=dtype, progress=progress)
     print(write_report(results, out, _label(args.model)))
