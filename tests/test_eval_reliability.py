@@ -51,7 +51,7 @@ def _stapo(*args):
 def test_second_eval_into_one_out_exits_2_naming_the_holder(model_dir, tmp_path):
     out = tmp_path / "out"
     # the first eval has minutes of work; the second starts while it holds the folder
-    first = _stapo(*_args(model_dir, out, "--benchmarks", "math500", "--limit", "50", "--samples", "math500=8",
+    first = _stapo(*_args(model_dir, out, "--benchmarks", "math500", "--limit", "200", "--samples", "math500=16",
                           "--max-new-tokens", "256"))
     try:
         deadline = time.monotonic() + 120
@@ -125,3 +125,27 @@ def test_progress_in_a_pipe_names_each_benchmark(model_dir, tmp_path):
         assert re.search(rf"^stapo eval: {bench}: 2/4 samples \(50%\), \d+:\d\d elapsed, ETA \d+:\d\d$", err, re.MULTILINE)
         assert re.search(rf"^stapo eval: {bench}: 4/4 samples, done in \d+:\d\d$", err, re.MULTILINE)
     assert "Loading weights" not in err
+
+
+def test_progress_in_a_terminal_is_a_bar_per_benchmark(model_dir, tmp_path):
+    import pty
+
+    master, slave = pty.openpty()  # a real terminal on stderr
+    proc = subprocess.Popen([sys.executable, "-m", "stapo", *_args(model_dir, tmp_path / "out", *QUICK, "--limit", "2",
+                                                                  quiet=False)],
+                            cwd=ROOT, env={**ENV, "COLUMNS": "120"}, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    screen = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", b"".join(chunks)).decode(errors="replace")
+    for bench in ("amc23", "math500"):  # each bar carries its benchmark's name and its own count
+        assert re.search(rf"stapo eval: {bench}\s.*4/4", screen), screen[-2000:]
