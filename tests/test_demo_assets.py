@@ -197,6 +197,11 @@ def test_build_saves_a_loadable_model_and_tokenizer(built):
     assert path.parent == cache and path == assets.base_model_dir(cache, assets.BaseModelSettings(**TINY))
     assert [c.name for c in cache.iterdir()] == [path.name]  # the temp build dir was renamed away
     assert any("20 SFT steps, loss" in m for m in messages)
+    # the warm start's progress: its first step (with an ETA) and its end, through the caller's log
+    sft = [m for m in messages if m.startswith("demo warm start (SFT): ")]
+    assert re.fullmatch(r"demo warm start \(SFT\): 1/20 steps \(5%\), 0:\d\d elapsed, ETA \d+:\d\d, loss \d\.\d{3}",
+                        sft[0]), sft
+    assert re.fullmatch(r"demo warm start \(SFT\): 20/20 steps, done in \d+:\d\d, loss \d\.\d{3}", sft[-1]), sft
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert (

@@ -3,8 +3,12 @@ rollout dumps, and `stapo analyze` on a run directory written by a short real GR
 
 import copy
 import json
+import os
 import random
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -202,3 +206,67 @@ def test_analyze_errors_name_the_path(tmp_path, capsys):
     assert "no saved model" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no saved model"):
         main(["--debug", "analyze", str(tmp_path), "--theory-check"])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
+       "STAPO_PROGRESS_EVERY": "0"}
+
+
+def _analyze(*args):
+    """`stapo analyze` as a user runs it, its stderr a pipe."""
+    return subprocess.run([sys.executable, "-m", "stapo", "analyze", *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_theory_check_on_a_lora_run_shows_its_phases_in_a_pipe(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, tok = tiny
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for _ in _grpo_run(copy.deepcopy(base), tok, run_dir, steps=1, prompts_per_step=2):
+        pass
+    # a LoRA run's checkpoint as the trainer saves it: the adapter and the tokenizer, the base elsewhere
+    base.save_pretrained(tmp_path / "base")
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                          LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    policy = run_dir / "checkpoints" / "step_000001" / "policy"
+    lora.save_pretrained(policy)
+    tok.save_pretrained(policy)
+    assert not (policy / "config.json").exists() and (policy / "adapter_config.json").exists()
+
+    done = _analyze(run_dir, "--theory-check", "--theory-tokens", "40", "--theory-model-tokens", "3",
+                    "--theory-prompts", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "\r" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"stapo analyze: loading {policy}"
+    assert lines[1].startswith("stapo analyze: theory check: sampling 4 responses to each of 2 prompts")
+    assert lines[2].startswith("stapo analyze: theory check: float64 logits of 8 sequences")
+    assert lines[3].startswith("stapo analyze: theory check: whole-model steps: 1/3 tokens (33%), ")
+    assert re.fullmatch(r"stapo analyze: theory check: whole-model steps: 3/3 tokens, done in \d+:\d\d", lines[5])
+    assert lines[6] == f"stapo analyze: reading {run_dir / 'metrics.jsonl'} and the rollout dumps"
+    assert lines[7] == f"stapo analyze: plotting 1 logged steps and 1 dumps into {run_dir / 'analysis'}"
+    assert len(lines) == 8
+    report = (run_dir / "analysis" / "report.md").read_text()
+    assert "## Theory check on this model" in report and f"Model: `{policy}`" in report
+
+    quiet = _analyze(run_dir, "-q")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert quiet.stdout == f"wrote {run_dir / 'analysis' / 'report.md'}\n"
+
+
+def test_a_run_without_dumps_names_dump_every(tiny, tmp_path):
+    base, tok = tiny
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "actor/entropy": 1.0}\n')
+    done = _analyze(tmp_path, "--quiet")
+    assert done.returncode == 0
+    assert done.stderr == (f"stapo analyze: note: {tmp_path} has no rollout dumps, so the token plots are empty; "
+                           "set diagnostics.dump_every=N in the training config to dump rollouts every N steps\n")
+    base.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    refused = _analyze(tmp_path, "--theory-check", "-q")
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "set diagnostics.dump_every=N" in refused.stderr

@@ -172,6 +172,7 @@ def build_base_model(
     checks, timings). ``log=None`` silences progress.
     """
     from ..models.tiny import tiny_qwen3
+    from ..progress import Reporter
 
     say = log or (lambda _msg: None)
     settings = dataclasses.replace(settings, **overrides) if settings else task_settings(**overrides)
@@ -207,6 +208,8 @@ def build_base_model(
     )
     examples = _Encoded(tokenizer, problems, settings.junk_rate, settings.seed)
     checks: list[tuple[int, float]] = []  # (step, validation sampled accuracy)
+    # the warm start takes minutes on a CPU: done/total steps and an ETA (an early stop ends it sooner)
+    sft_task = Reporter("", write=say).task("demo warm start (SFT)", settings.sft_steps, unit="steps")
     with torch.random.fork_rng(devices=[]):  # SFT must not perturb the caller's RNG stream
         torch.manual_seed(settings.seed)
         losses = train_sft(
@@ -218,7 +221,7 @@ def build_base_model(
             lr=settings.sft_lr,
             warmup_steps=settings.sft_warmup_steps,
             weight_decay=settings.sft_weight_decay,
-            log=say,
+            on_step=lambda _step, loss: sft_task.advance(note=f"loss {loss:.3f}"),
             stop=_validation_stop(model, tokenizer, settings, checks, say),
             stop_every=settings.sft_check_every,
         )

@@ -110,12 +110,14 @@ def train_sft(
     log_every: int = 100,
     stop: Callable[[int], bool] | None = None,
     stop_every: int = 100,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """AdamW on ``examples`` taken in order, ``batch_size`` per step (cycling if too few).
 
     ``stop(steps_done)`` is called every ``stop_every`` steps; when it returns True the
     pass ends early (the schedule is still the one planned for ``steps``). Returns the
-    per-step losses, so ``len(result)`` is the number of steps taken.
+    per-step losses, so ``len(result)`` is the number of steps taken. ``on_step(steps_done, loss)``
+    follows every step (progress).
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps/batch_size: must be >= 1, got steps={steps}, batch_size={batch_size}")
@@ -135,6 +137,8 @@ def train_sft(
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
         if log and (step % log_every == 0 or step == steps - 1):
             log(f"sft step {step + 1}/{steps}  loss {losses[-1]:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
         if stop is not None and (step + 1) % stop_every == 0 and step + 1 < steps and stop(step + 1):

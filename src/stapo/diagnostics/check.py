@@ -62,6 +62,7 @@ def theory_check(
     eta: float = 1e-5,
     model_step: float = 1e-5,
     seed: int = 0,
+    progress=None,
 ) -> dict:
     """Run checks 1–4 above; returns the measured numbers and a Markdown summary under ``"markdown"``.
 
@@ -73,7 +74,10 @@ def theory_check(
     ``upper_bound_violations``, ``logit_exact_agreement``, ``logit_paper_agreement``,
     ``natural_paper_agreement``, ``paper_exact_agreement``, ``n_model_tokens``,
     ``model_exact_agreement``, ``model_paper_agreement``, ``entropy_up_measured_fraction``, ``markdown``.
+    ``progress``: a ``stapo.progress.Reporter`` told each phase (None: silent).
     """
+    say = progress.phase if progress is not None else (lambda _text: None)
+    say(f"theory check: sampling {samples_per_prompt} responses to each of {len(prompts)} prompts")
     rollouts = _sample_rollouts(model, tokenizer, prompts, samples_per_prompt, max_new_tokens, temperature, seed)
     if not rollouts:
         raise ValueError("the model produced no response tokens for the theory check")
@@ -85,6 +89,7 @@ def theory_check(
     chosen = [positions[i] for i in order]
 
     device = next(m64.parameters()).device
+    say(f"theory check: float64 logits of {len(rollouts)} sequences, logit-level checks on {len(chosen)} tokens")
     with torch.no_grad():
         seq_logits = [m64(input_ids=torch.tensor([p + r], device=device)).logits[0].cpu()  # [L, V] each
                       for p, r in rollouts]
@@ -121,7 +126,8 @@ def theory_check(
 
     # 4. whole model: one tiny gradient-ascent step per token, entropy re-measured at its position
     m_count = min(n_model_tokens, n)
-    dh_model = _model_steps(m64, rollouts, chosen[:m_count], adv[:m_count], model_step)
+    task = progress.task("theory check: whole-model steps", m_count, unit="tokens") if progress else None
+    dh_model = _model_steps(m64, rollouts, chosen[:m_count], adv[:m_count], model_step, task)
 
     out = {
         "n_sequences": len(rollouts),
@@ -146,7 +152,7 @@ def theory_check(
     return out
 
 
-def _model_steps(m64, rollouts, chosen, adv, model_step: float) -> torch.Tensor:
+def _model_steps(m64, rollouts, chosen, adv, model_step: float, task=None) -> torch.Tensor:
     """Measured ΔH at each chosen position after θ ← θ + η ∇_θ J, J = A·log π_k there.
 
     The stepped model is evaluated with ``torch.func.functional_call`` (tied weights stay tied),
@@ -171,6 +177,8 @@ def _model_steps(m64, rollouts, chosen, adv, model_step: float) -> torch.Tensor:
                 stepped = {n: p + (model_step / norm) * g for (n, p), g in zip(named.items(), grads)}
                 h1 = _entropy(functional_call(m64, stepped, (), {"input_ids": ids}).logits[0, row])
                 out[i] = float(h1 - _entropy(logits[row]))
+            if task is not None:
+                task.advance()
     return out
 
 

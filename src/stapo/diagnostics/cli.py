@@ -7,6 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import warnings
 from pathlib import Path
 
 from ..cli import add_quiet_flag
@@ -35,17 +38,47 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+# what the user sets so that a run has dumps (the token plots and --theory-check read them)
+NO_DUMPS = "set diagnostics.dump_every=N in the training config to dump rollouts every N steps"
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+ADAPTER = "adapter_config.json"  # a LoRA run's checkpoints/step_*/policy (peft's save_pretrained)
+
+
 def find_model_dir(run_dir: Path) -> Path:
-    """The most recently written folder under ``run_dir`` holding an HF ``config.json`` and weights."""
-    found = [
-        c.parent for c in run_dir.rglob("config.json")
-        if any((c.parent / w).exists() for w in ("model.safetensors", "model.safetensors.index.json",
-                                                 "pytorch_model.bin"))
-    ]
+    """The most recently written folder under ``run_dir`` holding a model: an HF ``config.json`` with
+    weights, or a PEFT adapter (a LoRA run's checkpoint)."""
+    found = [c.parent for c in run_dir.rglob("config.json") if any((c.parent / w).exists() for w in WEIGHTS)]
+    found += [c.parent for c in run_dir.rglob(ADAPTER)
+              if any((c.parent / w).exists() for w in ("adapter_model.safetensors", "adapter_model.bin"))]
     if not found:
-        raise FileNotFoundError(f"--theory-check: no saved model (config.json + weights) under {run_dir}; "
-                                "pass --model DIR")
+        raise FileNotFoundError(f"--theory-check: no saved model (config.json + weights, or a LoRA adapter) "
+                                f"under {run_dir}; pass --model DIR")
     return max(found, key=lambda d: d.stat().st_mtime)
+
+
+def load_model(model_dir: Path):
+    """(model, tokenizer) of a model folder; a LoRA adapter is loaded on its base and merged into it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (model_dir / ADAPTER).exists():
+        from peft import AutoPeftModelForCausalLM
+
+        try:
+            with warnings.catch_warnings():  # peft calls a transformers API it deprecated: not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                model = AutoPeftModelForCausalLM.from_pretrained(str(model_dir)).merge_and_unload()
+        except OSError as err:
+            base = json.loads((model_dir / ADAPTER).read_text()).get("base_model_name_or_path")
+            raise FileNotFoundError(f"--theory-check: {model_dir} is a LoRA adapter whose base model {base!r} "
+                                    f"cannot be loaded ({_first_line(err)})") from None
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    # peft froze the base: the whole-model check differentiates every parameter of the merged model
+    return model.requires_grad_(True).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _prompts_from_dumps(run_dir: Path, n: int) -> list[str]:
@@ -53,7 +86,8 @@ def _prompts_from_dumps(run_dir: Path, n: int) -> list[str]:
 
     dumps = list_dumps(run_dir)
     if not dumps:
-        raise FileNotFoundError(f"--theory-check takes its prompts from the rollout dumps; {run_dir} has none")
+        raise FileNotFoundError(f"--theory-check takes its prompts from the rollout dumps; {run_dir} has none "
+                                f"({NO_DUMPS})")
     prompts = read_rollouts(dumps[-1][1]).column("prompt").to_pylist()
     unique = [p for p in dict.fromkeys(prompts) if p]
     if not unique:
@@ -62,21 +96,27 @@ def _prompts_from_dumps(run_dir: Path, n: int) -> list[str]:
 
 
 def run(args) -> int:
+    from ..progress import Reporter
+    from .dumps import list_dumps
     from .report import write_report
 
+    reporter = Reporter("analyze", quiet=args.quiet)  # phases on stderr; stdout names the report
     theory = None
     if args.theory_check:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from .check import theory_check
 
         model_dir = args.model or find_model_dir(args.run_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        theory = theory_check(model, tokenizer, _prompts_from_dumps(args.run_dir, args.theory_prompts),
-                              n_tokens=args.theory_tokens, n_model_tokens=args.theory_model_tokens, seed=args.seed)
+        prompts = _prompts_from_dumps(args.run_dir, args.theory_prompts)  # before the model loads
+        reporter.hush_library_bars()
+        reporter.phase(f"loading {model_dir}")
+        model, tokenizer = load_model(model_dir)
+        theory = theory_check(model, tokenizer, prompts, n_tokens=args.theory_tokens,
+                              n_model_tokens=args.theory_model_tokens, seed=args.seed, progress=reporter)
         theory["markdown"] = f"Model: `{model_dir}`.\n\n" + theory["markdown"]
     path = write_report(args.run_dir, args.out, theory=theory, top_k=args.top, max_points=args.max_points,
-                        seed=args.seed)
+                        seed=args.seed, say=reporter.phase)
+    if args.run_dir.is_dir() and not list_dumps(args.run_dir):  # said even with --quiet: the report is thin
+        print(f"stapo analyze: note: {args.run_dir} has no rollout dumps, so the token plots are empty; "
+              f"{NO_DUMPS}", file=sys.stderr)
     print(f"wrote {path}")
     return 0

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..objectives.masks import TAU_P
+from .cli import NO_DUMPS
 from .dumps import list_dumps, read_rollouts
 from .metrics import QUADRANTS
 
@@ -335,19 +336,24 @@ def write_report(
     top_k: int = 20,
     max_points: int = 20000,
     seed: int = 0,
+    say=None,
 ) -> Path:
     """Write ``report.md`` and its PNGs to ``out_dir`` (default ``RUN_DIR/analysis``); returns report.md.
 
     ``theory``: the dict of ``stapo.diagnostics.theory_check``, shown as its own section when given.
+    ``say``: told each phase (``stapo.progress.Reporter.phase``).
     """
+    say = say or (lambda _text: None)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
+    say(f"reading {run_dir / 'metrics.jsonl'} and the rollout dumps")
     rows = load_metrics(run_dir)
     dumps = list_dumps(run_dir)
     table = read_rollouts(run_dir) if dumps else None
+    say(f"plotting {len(rows)} logged steps and {len(dumps)} dumps into {out}")
 
     md = [f"# Token diagnostics: {run_dir.name}", "",
           f"{_run_label(run_dir)}; {len(rows)} logged steps; {len(dumps)} rollout dumps.", ""]
@@ -370,11 +376,11 @@ def write_report(
           "Mean token entropy with the fraction of positive-advantage tokens predicted to raise it.")
 
     md += ["## Low-probability tokens in correct vs incorrect responses", ""]
-    md += (_low_p_section(low_p_share(table)) if table is not None else ["No rollout dumps."]) + [""]
+    md += (_low_p_section(low_p_share(table)) if table is not None else [f"No rollout dumps ({NO_DUMPS})."]) + [""]
     md += ["## Top silenced tokens", ""]
     top = top_silenced_tokens(table, top_k) if table is not None else []
     if not top:
-        md += ["No token was silenced in the dumps." if table is not None else "No rollout dumps.", ""]
+        md += ["No token was silenced in the dumps." if table is not None else f"No rollout dumps ({NO_DUMPS}).", ""]
     else:
         md += ["| token | id | times silenced | share of silenced | silenced rate | example contexts |",
                "|---|---|---|---|---|---|"]

@@ -87,8 +87,8 @@ def evaluate_checkpoints(
     interrupted midway resumes from its samples.jsonl. Returns (step, results) for all
     evaluated steps of the run, including ones the trainer evaluated in-loop.
     """
-    from .harness import RESULTS, evaluate
-    from .loading import load_for_eval
+    from .harness import CONFIG, RESULTS, evaluate
+    from .loading import dtype_name, load_for_eval
 
     eval_root = Path(run_dir) / "eval"
     ckpts = [(s, p) for s, p in find_checkpoints(run_dir) if not every or s % every == 0]
@@ -97,13 +97,15 @@ def evaluate_checkpoints(
             f"--run: no checkpoints/step_*/policy under {run_dir}"
             + (f" with step divisible by {every}" if every else "")
         )
+    dtype_run = dtype_name(dtype, device, settings.backend)
     for step, policy in ckpts:
         out = eval_root / step_dir_name(step)
         if (out / RESULTS).exists():
             old = json.loads((out / RESULTS).read_text())
+            recorded = json.loads((out / CONFIG).read_text()).get("dtype") if (out / CONFIG).exists() else None
             if old.get("settings") == settings.to_dict() and list(old["benchmarks"]) == list(
                 problems_by_benchmark
-            ):
+            ) and recorded == dtype_run:
                 continue
         model, tok, gen = load_for_eval(str(policy), settings.backend, dtype, device, settings.batch_size)
         evaluate(
@@ -114,6 +116,7 @@ def evaluate_checkpoints(
             out,
             generator=gen,
             model_name=str(policy),
+            dtype=dtype_run,
             progress=progress,
         )
         gen.close()  # a vLLM engine holds GBs of KV cache; free it before the next checkpoint

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
-import sys
+import shutil
 from pathlib import Path
 
 from ..cli import add_quiet_flag
 from ..config.dtypes import SPELLINGS, dtype_argument
+from ..errors import UserError
 from .settings import DECODING_PRESETS, PAPER_BENCHMARKS
 
 
@@ -154,8 +155,7 @@ def run(args) -> int:
     try:
         return _run(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"stapo eval: {err}", file=sys.stderr)
-        return 2
+        raise UserError(str(err)) from err  # `stapo eval: error: ...`, exit 2 (stapo.cli.main)
 
 
 def _run(args) -> int:
@@ -168,8 +168,7 @@ def _run(args) -> int:
     if settings.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         from ..rollout.vllm import INSTALL_HINT
 
-        print(f"stapo eval: --backend vllm: {INSTALL_HINT}", file=sys.stderr)  # before loading anything
-        return 2
+        raise UserError(f"--backend vllm: {INSTALL_HINT}")  # before loading anything
     problems = load_problems(settings.benchmarks, args.data_dir, settings.limit)
     progress = not args.quiet
     if args.run:
@@ -188,16 +187,32 @@ def _run(args) -> int:
         print(f"\nper-step results under {Path(args.run) / 'eval'}; plot: accuracy_vs_step.png")
         return 0
 
-    from .harness import evaluate
-    from .loading import load_for_eval
+    from .harness import CONFIG, check_config, config_record, evaluate, out_lock
+    from .loading import check_not_run_dir, dtype_name, load_for_eval
 
+    check_not_run_dir(args.model)
     out = Path(args.out) if args.out else _default_out(args.model)
-    model, tok, generator = load_for_eval(
-        args.model, settings.backend, args.dtype, args.device, settings.batch_size
-    )
-    results = evaluate(
-        model, tok, problems, settings, out, generator=generator, model_name=args.model, progress=progress
-    )
+    dtype = dtype_name(args.dtype, args.device, settings.backend)
+    # refused before the model loads: a folder another eval writes, or one of other settings
+    check_config(out / CONFIG, config_record(args.model, dtype, settings, list(problems)))
+    from ..progress import Reporter
+
+    reporter = Reporter("eval", quiet=args.quiet)
+    reporter.hush_library_bars()
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with out_lock(out):
+        try:
+            reporter.phase(f"loading {args.model} ({dtype}, {settings.backend})")
+            model, tok, generator = load_for_eval(
+                args.model, settings.backend, args.dtype, args.device, settings.batch_size
+            )
+        except ValueError:
+            if created:  # a model that does not load leaves no output folder behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        results = evaluate(model, tok, problems, settings, out, generator=generator, model_name=args.model,
+                           dtype=dtype, progress=progress)
     print(write_report(results, out, _label(args.model)))
     print(f"outputs in {out}: results.json, results.md, samples.jsonl, plot_<benchmark>.png")
     return 0

@@ -95,25 +95,43 @@ def evaluate(
     *,
     generator=None,
     model_name: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Evaluate ``model`` on each benchmark's problems; writes samples.jsonl and results.json.
 
-    Resumes from ``out_dir/samples.jsonl`` when the settings match the ones recorded in
-    ``eval_config.json`` (a mismatch is an error, never a silent mix of two protocols).
+    Resumes from ``out_dir/samples.jsonl`` when the model, dtype and settings match the ones recorded
+    in ``eval_config.json`` (a mismatch is an error, never a silent mix of two protocols). One process
+    writes ``out_dir`` at a time (``stapo.locking``). ``dtype`` defaults to the model's own.
     ``generator`` defaults to ``eval_generator(settings, model, tokenizer)``.
     Returns the results dict (see ``aggregate``).
     """
-    from ..rewards import RewardPool
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with out_lock(out):
+        return _evaluate(model, tokenizer, problems_by_benchmark, settings, out, generator, model_name, dtype,
+                         progress)
+
+
+def out_lock(out: Path):
+    """The one-writer lock of an eval output folder."""
+    from ..locking import DirLock
+
+    return DirLock(out, label="--out", hint="choose another --out").held()
+
+
+def _evaluate(model, tokenizer, problems_by_benchmark, settings, out, generator, model_name, dtype, progress):
+    from ..rewards import RewardPool
+
     problems_by_benchmark = {b: list(p)[: settings.limit] for b, p in problems_by_benchmark.items()}
     for b, probs in problems_by_benchmark.items():
         if not probs:
             raise ValueError(f"benchmark {b!r}: no problems to evaluate")
     name = model_name or getattr(model, "name_or_path", None) or "in-memory model"
-    _check_or_write_config(out / CONFIG, str(name), settings, list(problems_by_benchmark))
+    dtype = dtype or str(getattr(model, "dtype", "unknown")).removeprefix("torch.")
+    record = config_record(str(name), dtype, settings, list(problems_by_benchmark))
+    check_config(out / CONFIG, record)
+    write_config(out / CONFIG, record)
 
     done = load_samples(out / SAMPLES)
     chunks = [c for b, probs in problems_by_benchmark.items() for c in plan_chunks(b, len(probs), settings)]
@@ -145,17 +163,17 @@ def evaluate(
 
 def _generate_all(todo, problems_by_benchmark, tokenizer, generator, pool, settings, path, done, progress):
     """Run the missing chunks in order, appending each to ``path`` and ``done`` as it finishes."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ..progress import Reporter
 
     total = sum(len(c.sample_keys()) for c in todo)
+    per_bench = {b: sum(len(c.sample_keys()) for c in todo if c.benchmark == b) for b in problems_by_benchmark}
     prompts: dict[str, dict] = {b: {} for b in problems_by_benchmark}
     tokens, start = 0, time.perf_counter()
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    # stderr: stdout carries the results table
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task("eval samples", total=total)
+    with Reporter("eval", quiet=not progress) as reporter:  # stderr: stdout carries the results table
+        tasks = {}
         for chunk in todo:
+            if chunk.benchmark not in tasks:  # a benchmark's clock starts with its first chunk
+                tasks[chunk.benchmark] = reporter.task(chunk.benchmark, per_bench[chunk.benchmark])
             probs, cache = problems_by_benchmark[chunk.benchmark], prompts[chunk.benchmark]
             for i in chunk.problems:
                 if i not in cache:
@@ -167,11 +185,11 @@ def _generate_all(todo, problems_by_benchmark, tokenizer, generator, pool, setti
             for r in new:
                 done[(r["benchmark"], r["problem_index"], r["sample_index"])] = r
             tokens += sum(r["num_tokens"] for r in records)
-            bar.update(task, advance=len(records), description=f"eval {chunk.benchmark}")
+            tasks[chunk.benchmark].advance(len(records))
     seconds = time.perf_counter() - start
     if progress:
         print(
-            f"generated {total} samples, {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} "
+            f"stapo eval: generated {total} samples, {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} "
             "tokens/s, generation + verification)",
             file=sys.stderr,
         )
@@ -267,26 +285,41 @@ def _answer_equivalence(answers: list[list[str | None]], golds: list, pool):
     return equivalent
 
 
-def _check_or_write_config(
-    path: Path, model_name: str, settings: EvalSettings, benchmarks: list[str]
-) -> None:
-    """Record the run's settings; refuse to resume with settings that would change the samples."""
-    sig = settings.signature(benchmarks)
+def config_record(model_name: str, dtype: str, settings: EvalSettings, benchmarks: list[str]) -> dict:
+    """What ``eval_config.json`` records: everything that changes a stored sample."""
+    return {"model": model_name, "dtype": dtype, "signature": settings.signature(benchmarks)}
+
+
+def _diffs(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every recorded setting ``new`` changes (a benchmark's own once per key)."""
+    out = [f"{k}: {old.get(k, 'not recorded')!r} -> {new[k]!r}" for k in ("model", "dtype") if old.get(k) != new[k]]
+    old_sig = old.get("signature", {})
+    for key, value in new["signature"].items():
+        if key == "per_benchmark":
+            for b, v in value.items():
+                if b in old_sig.get(key, {}) and old_sig[key][b] != v:
+                    out.append(f"{b}: {old_sig[key][b]} -> {v}")
+        elif old_sig.get(key) != value:
+            out.append(f"{key}: {old_sig.get(key)!r} -> {value!r}")
+    return out
+
+
+def check_config(path: Path, record: dict) -> None:
+    """Refuse to resume into ``path``'s folder with settings that would change the samples."""
+    if not path.exists():
+        return
+    diffs = _diffs(json.loads(path.read_text()), record)
+    if diffs:
+        raise ValueError(
+            f"{path.parent}: holds samples from other settings ({'; '.join(diffs)}); "
+            "resume with the recorded settings, choose another --out, or delete this one"
+        )
+
+
+def write_config(path: Path, record: dict) -> None:
+    """Record the folder's settings; benchmarks recorded before stay recorded (their samples stay)."""
     if path.exists():
-        old = json.loads(path.read_text())
-        diffs = [f"model: {old.get('model')!r} -> {model_name!r}"] if old.get("model") != model_name else []
-        old_sig = old.get("signature", {})
-        for key, value in sig.items():
-            if key == "per_benchmark":
-                for b, v in value.items():
-                    if b in old_sig.get(key, {}) and old_sig[key][b] != v:
-                        diffs.append(f"{b}: {old_sig[key][b]} -> {v}")
-            elif old_sig.get(key) != value:
-                diffs.append(f"{key}: {old_sig.get(key)!r} -> {value!r}")
-        if diffs:
-            raise ValueError(
-                f"{path.parent}: holds samples from other settings ({'; '.join(diffs)}); "
-                "choose another output directory or delete this one"
-            )
-        sig["per_benchmark"] = {**old_sig.get("per_benchmark", {}), **sig["per_benchmark"]}
-    path.write_text(json.dumps({"model": model_name, "signature": sig}, indent=2) + "\n")
+        old = json.loads(path.read_text()).get("signature", {}).get("per_benchmark", {})
+        record = {**record, "signature": {**record["signature"],
+                                          "per_benchmark": {**old, **record["signature"]["per_benchmark"]}}}
+    path.write_text(json.dumps(record, indent=2) + "\n")

@@ -28,6 +28,24 @@ def resolve_dtype(dtype: str, device: str):
     return torch_dtype(dtype)
 
 
+def dtype_name(dtype: str, device: str, backend: str = "hf") -> str:
+    """The dtype an eval will run in, by torch's name (what ``eval_config.json`` records); vLLM's
+    ``auto`` is the checkpoint's own."""
+    if backend == "vllm":
+        return canonical_dtype(dtype)
+    return str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")
+
+
+def check_not_run_dir(path: str, flag: str = "--model") -> None:
+    """A stapo training run folder is evaluated with ``--run``; say so instead of a tokenizer error."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoints").is_dir() and not (p / "config.json").exists():
+        raise ValueError(f"{flag} {path}: is a stapo run folder, not a model; evaluate its checkpoints "
+                         f"with `stapo eval --run {path}`")
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

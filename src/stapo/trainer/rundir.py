@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -26,11 +24,11 @@ import yaml
 from ..config import TrainConfig, to_dict
 from ..distributed import broadcast_object
 from ..errors import UserError
+from ..locking import LOCK_FILE, DirLock, LockedError  # noqa: F401 (LOCK_FILE: re-exported)
 from .checkpoint import STEP_DIR, checkpoint_dirs, resume_checkpoint
 from .logger import truncate_metrics
 from .trackers import IDS_FILE
 
-LOCK_FILE = ".lock"
 HISTORY = "config_history.jsonl"
 # What a new run writes; a re-run of a run name that left no checkpoint removes them (a clean start).
 RUN_OUTPUTS = ("metrics.jsonl", HISTORY, IDS_FILE, "rollouts", "plots", "tensorboard")
@@ -55,55 +53,8 @@ FROZEN_ON_RESUME = {
 }
 
 
-class RunLockedError(UserError):
-    """Another live process is writing to this run directory."""
-
-
-class RunLock:
-    """An exclusive, non-blocking ``flock`` on ``RUN_DIR/.lock``; the file holds the holder's PID."""
-
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self, warn=None) -> RunLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_pid(fd, retries=20)  # the holder writes its PID right after locking
-            os.close(fd)
-            raise RunLockedError(
-                f"run directory {self.run_dir} is in use by another stapo process (PID {holder or 'unknown'}); "
-                "wait for it to finish or stop it, or choose another run_name"
-            ) from None
-        previous = _read_pid(fd)
-        if previous and previous != str(os.getpid()):
-            (warn or _warn)(f"warning: {self.run_dir} was last locked by PID {previous}, which ended without "
-                            "releasing it (killed or crashed); taking over")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        os.ftruncate(self._fd, 0)  # an empty lock file means the last writer finished cleanly
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._fd = None
-
-
-def _read_pid(fd: int, retries: int = 0) -> str:
-    for _ in range(retries + 1):
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        if text:
-            return text
-        if retries:
-            time.sleep(0.01)
-    return ""
+# the lock is stapo.locking's, shared with ``stapo eval --out``
+RunLock, RunLockedError = DirLock, LockedError
 
 
 def _warn(text: str) -> None:
