@@ -106,10 +106,10 @@ def check_dtype(cfg: TrainConfig, device: torch.device, checkpoint: Path | None)
     if dtype == "auto":
         config = Path(_sources(cfg, checkpoint)[0]) / "config.json"
         saved = _read_json(config) if config.is_file() else {}
-        saved = saved.get("dtype") or saved.get("torch_dtype")
-        dtype, origin = str(saved or "auto"), f"model.dtype=auto (the checkpoint's {saved})"
+        dtype = str(saved.get("dtype") or saved.get("torch_dtype") or "auto")
+        origin = f"model.dtype=auto is the checkpoint's {dtype}, which"
     if dtype == "float16":
-        raise UserError(f"{origin}: float16 does not train on a CPU (its first step overflows to inf/nan); "
+        raise UserError(f"{origin} does not train on a CPU (its first step overflows to inf/nan); "
                         "use model.dtype=float32 or bfloat16 on a CPU, float16 on a GPU")
 
 
