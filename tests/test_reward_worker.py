@@ -89,6 +89,14 @@ def test_pool_refuses_a_module_that_hangs_at_import_within_its_limit(tmp_path, m
     assert time.monotonic() - t0 < 30
 
 
+def test_pool_names_a_module_that_ends_the_worker_at_import(tmp_path, monkeypatch):
+    write_module(tmp_path, "exit_at_import", "import os\nos._exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardError, match=r"'exit_at_import:fn': the reward worker exited while importing its "
+                                          r"module \(exit code 3\)"):
+        RewardPool("exit_at_import:fn", num_workers=1)
+
+
 NOISY = """
     import os, subprocess, sys
 

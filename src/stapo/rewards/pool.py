@@ -336,10 +336,11 @@ class RewardPool:
             msg = w.conn.recv()
         except (EOFError, OSError):  # the worker died (segfault, OOM killer)
             if not w.ready:
-                where = f"importing {self.reward!r}" if w.importing else "start-up"
                 _kill_group(w)
-                raise RewardError(f"reward {self.reward!r}: the reward worker exited during {where} "
-                                  f"(exit code {w.proc.exitcode})")
+                if w.importing:  # the user's module ended the process (os._exit, a crash in C code)
+                    raise RewardError(f"reward {self.reward!r}: the reward worker exited while importing its "
+                                      f"module (exit code {w.proc.exitcode})")
+                raise RuntimeError(f"reward worker exited during start-up (exit code {w.proc.exitcode})")
             results[w.item] = (0.0, "error")
             self._replace(w)
             return False
