@@ -159,10 +159,10 @@ def _run(fn, args, kwargs, soft_timeout: float) -> tuple:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def worker_main(conn, spec: str, signature: str, memory_limit_mb: int | None, output_cap: int = OUTPUT_CAP):
+def worker_main(conn, spec: str, signature: str, memory_limit_mb: int | None):
     os.setpgrp()  # the pool kills this group: the reward's children go with the worker
     signal.signal(signal.SIGTERM, _end_group)  # multiprocessing terminates daemons so at exit
-    output = _CappedOutput(output_cap)
+    output = _CappedOutput(OUTPUT_CAP)
     try:
         ops = _setup(conn, spec, signature)
         signal.signal(signal.SIGALRM, _on_alarm)
