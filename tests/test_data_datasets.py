@@ -98,5 +98,5 @@ def test_cli_convert_reads_a_dataset_folder(saved_dict, tmp_path, capsys):
     assert [p.answer for p in load_verl_parquet(out)] == ["5"]
     assert main(["data", "convert", str(saved_dict), str(tmp_path / "x.parquet")]) == 2  # default fields absent
     err = capsys.readouterr().err
-    assert err.startswith("stapo data convert: dataset ") and "has no field 'problem'" in err
+    assert err.startswith("stapo data convert: error: dataset ") and "has no field 'problem'" in err
     assert len(err.strip().splitlines()) == 1

@@ -58,11 +58,12 @@ def test_load_json_errors_name_the_file_and_field(tmp_path):
         load_json(path)
     with pytest.raises(DataError, match=r"bad\.json: row 0 has no field 'question'"):
         load_json(path, problem_field="question")
-    with pytest.warns(UserWarning, match=r"left out 1 rows without a usable 'answer': rows \[1\]"):
-        assert [p.id for p in load_json(path, on_missing="skip")] == ["bad/0"]
-    empty = write_json(tmp_path / "empty.json", [{"problem": "p", "answer": "  "}])
+    # present but null or empty: the row is left out and counted (absent, above, is an error)
+    empty = write_json(tmp_path / "empty.json", [{"problem": "p", "answer": "  "}, {"problem": "q", "answer": "1"}])
+    with pytest.warns(UserWarning, match=r"left out 1 rows with a null or empty 'problem' or 'answer': rows \[0\]"):
+        assert [p.id for p in load_json(empty)] == ["empty/1"]
     with pytest.raises(DataError, match=r"empty\.json: row 0 field 'answer' is empty"):
-        load_json(empty)
+        load_json(empty, on_missing="error")
     obj = tmp_path / "obj.json"
     obj.write_text('{"problem": "p"}')
     with pytest.raises(DataError, match="expected a JSON array"):
@@ -117,8 +118,9 @@ def test_verl_parquet_errors(tmp_path):
         }
     ]
     pq.write_table(pa.Table.from_pylist(rows), path)
-    with pytest.raises(DataError, match=r"nogt\.parquet: row 0 has no field 'reward_model.ground_truth'"):
-        load_verl_parquet(path)
+    with pytest.warns(UserWarning, match=r"nogt\.parquet: left out 1 rows with a null or empty 'prompt' or "
+                                         r"'reward_model.ground_truth': rows \[0\]; 0 of 1 kept"):
+        assert load_verl_parquet(path) == []
     path = tmp_path / "nouser.parquet"
     rows = [
         {

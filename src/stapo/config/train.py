@@ -74,6 +74,7 @@ class RewardConfig:
     strict: bool = False  # math: require a \boxed{} answer
     timeout: float = option(2.0, gt=0)  # hard wall-clock limit per item, seconds
     num_workers: int = option(2, ge=1)
+    import_timeout: float = option(60.0, gt=0)  # seconds a worker may take to import a module:function reward
     format_weight: float = 0.0
     overlong_buffer: int | None = None  # DAPO soft overlong penalty: L_cache tokens before max_new_tokens
 

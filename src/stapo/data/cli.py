@@ -34,13 +34,14 @@ def add_parser(subparsers) -> None:
 
 
 def convert_cmd(args) -> int:
-    """Bad input (a missing file or field, an unreachable hub id) is one line on stderr, exit status 2."""
+    """Bad input (a missing file or field, an unreachable hub id, an output that cannot be written) is
+    one line on stderr, exit status 2."""
     import sys
 
     try:
         return _convert(args)
     except (ValueError, FileNotFoundError) as err:  # DataError is a ValueError
-        print(f"stapo data convert: {err}", file=sys.stderr)
+        print(f"stapo data convert: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 
@@ -48,6 +49,7 @@ def _convert(args) -> int:
     from pathlib import Path
 
     from .loaders import load_problems, write_verl_parquet
+    from .records import DataError
 
     json_fields = {"problem_field": args.problem_field, "answer_field": args.answer_field}
     if (
@@ -57,6 +59,10 @@ def _convert(args) -> int:
     ):
         json_fields |= {"id_field": args.id_field, "source": args.source}
     problems = load_problems(args.input, data_dir=args.data_dir, limit=args.limit, **json_fields)
-    path = write_verl_parquet(problems, args.output, template=args.template)
+    try:
+        path = write_verl_parquet(problems, args.output, template=args.template)
+    except OSError as err:  # a parent that is a file, a read-only folder, a full disk
+        raise DataError(f"OUT {args.output}: cannot write it: {err.strerror or err}"
+                        + (f" ({err.filename})" if err.filename else "")) from None
     print(f"wrote {len(problems)} problems to {path}")
     return 0

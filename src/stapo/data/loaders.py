@@ -20,14 +20,23 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputWarning
 from .benchmarks import BENCHMARKS, load_benchmark
 from .problem import Problem
 from .prompts import apply_template, strip_template
-from .records import DataError, answer_text, get_field, read_records, resolve_data_dir
+from .records import (
+    DataError,
+    MissingValue,
+    answer_text,
+    get_field,
+    question_text,
+    read_records,
+    resolve_data_dir,
+)
 
 
 def load_json(
@@ -39,7 +48,7 @@ def load_json(
     source: str | None = None,
     meta_fields: Iterable[str] | None = None,
     limit: int | None = None,
-    on_missing: str = "error",
+    on_missing: str = "skip",
 ) -> list[Problem]:
     """Problems from a JSON array or JSONL file (fields as in ``rows_to_problems``); source defaults
     to the file stem."""
@@ -60,44 +69,50 @@ def rows_to_problems(
     id_field: str | None = None,
     source: str = "data",
     meta_fields: Iterable[str] | None = None,
-    on_missing: str = "error",
+    on_missing: str = "skip",
 ) -> list[Problem]:
     """Problems from rows with a question and an answer field (dots reach nested fields). ``meta`` keeps
     ``meta_fields`` (default: every other field). Ids are ``"{source}/{id_field or row index}"``;
     ``origin`` (a path or dataset name) is what error messages name.
 
-    ``on_missing``: a row without a usable answer raises a ``DataError`` ("error") or is left out with
-    one warning that lists the rows ("skip"; ids keep the original row index).
+    A field that is absent, or of the wrong type, is a ``DataError``. ``on_missing``: a row whose
+    question or answer is null or empty is left out and counted in one warning ("skip"; ids keep the
+    original row index), or raises a ``MissingValue`` ("error").
     """
-    if on_missing not in ("error", "skip"):
-        raise ValueError(f"on_missing={on_missing!r}: expected 'error' or 'skip'")
     keep = None if meta_fields is None else set(meta_fields)
-    problems, skipped = [], []
-    for i, row in enumerate(rows):
-        prompt = get_field(row, problem_field, origin, i)
-        if not isinstance(prompt, str):
-            raise DataError(
-                f"{origin}: row {i} field {problem_field!r} is {type(prompt).__name__}, expected text"
-            )
-        try:
-            answer = answer_text(get_field(row, answer_field, origin, i), origin, i, answer_field)
-        except DataError:
-            if on_missing == "error":
-                raise
-            skipped.append(i)
-            continue
+
+    def build(row: dict, i: int) -> Problem:
+        prompt = question_text(get_field(row, problem_field, origin, i), origin, i, problem_field)
+        answer = answer_text(get_field(row, answer_field, origin, i), origin, i, answer_field)
         key = get_field(row, id_field, origin, i) if id_field else i
         meta = {
             k: v
             for k, v in row.items()
             if k not in (problem_field, answer_field) and (keep is None or k in keep)
         }
-        problems.append(Problem(id=f"{source}/{key}", prompt=prompt, answer=answer, source=source, meta=meta))
+        return Problem(id=f"{source}/{key}", prompt=prompt, answer=answer, source=source, meta=meta)
+
+    return _build_rows(rows, origin, build, on_missing, f"{problem_field!r} or {answer_field!r}")
+
+
+def _build_rows(rows: list[dict], origin: Any, build: Callable[[dict, int], Problem], on_missing: str,
+                fields: str) -> list[Problem]:
+    """``build(row, i)`` for every row; the rows it finds a ``MissingValue`` in are left out with one
+    warning line that counts them ("skip"), or raise ("error")."""
+    if on_missing not in ("error", "skip"):
+        raise ValueError(f"on_missing={on_missing!r}: expected 'error' or 'skip'")
+    problems, skipped = [], []
+    for i, row in enumerate(rows):
+        try:
+            problems.append(build(row, i))
+        except MissingValue:
+            if on_missing == "error":
+                raise
+            skipped.append(i)
     if skipped:
-        warnings.warn(
-            f"{origin}: left out {len(skipped)} rows without a usable {answer_field!r}: rows {skipped}",
-            stacklevel=3,
-        )
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        warnings.warn(f"{origin}: left out {len(skipped)} rows with a null or empty {fields}: rows [{shown}]; "
+                      f"{len(problems)} of {len(rows)} kept", InputWarning, stacklevel=2)
     return problems
 
 
@@ -115,12 +130,20 @@ def _user_content(messages: Any, path: Any, i: int) -> str:
 
 def load_verl_parquet(path: str | os.PathLike, limit: int | None = None) -> list[Problem]:
     """Problems from a verl-schema parquet (DAPO-Math-17k and ``write_verl_parquet``'s output)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"parquet file {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"parquet file {path} not found")
-    table = pq.read_table(path)
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes), not a parquet file")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:  # truncated, or another format under a .parquet name
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None
     for column in ("prompt", "reward_model"):
         if column not in table.column_names:
             raise DataError(f"{path}: no column {column!r} (verl schema: {', '.join(VERL_COLUMNS)})")
@@ -132,33 +155,36 @@ def load_verl_parquet(path: str | os.PathLike, limit: int | None = None) -> list
 def verl_rows_to_problems(rows: list[dict], origin: Any, default_source: str) -> list[Problem]:
     """Problems from verl-schema rows. The user message's instruction template (``boxed`` or ``dapo``)
     is stripped, so ``prompt`` is the bare question; the original messages are kept in
-    ``meta["messages"]`` when they differ from it."""
-    problems = []
-    for i, row in enumerate(rows):
-        content = _user_content(get_field(row, "prompt", origin, i), origin, i)
-        extra = row.get("extra_info") or {}
-        parts = extra.get("answer_parts") or []
-        if len(parts) > 1:
-            answer: str | list[str] = [str(p) for p in parts]
-        else:
-            answer = answer_text(
-                get_field(row, "reward_model.ground_truth", origin, i), origin, i, "reward_model.ground_truth"
-            )
-        meta = json.loads(extra["meta"]) if isinstance(extra.get("meta"), str) else {}
-        meta |= {k: v for k, v in extra.items() if k not in ("meta", "answer_parts", "id", "index")}
-        for key, value in (
-            ("ability", row.get("ability")),
-            ("reward_style", (row["reward_model"] or {}).get("style")),
-        ):
-            if value is not None:
-                meta.setdefault(key, value)
-        question = strip_template(content)
-        if question != content or (isinstance(row["prompt"], list) and len(row["prompt"]) > 1):
-            meta["messages"] = row["prompt"]
-        source = row.get("data_source") or default_source
-        key = extra.get("id") or f"{source}/{extra.get('index', i)}"
-        problems.append(Problem(id=str(key), prompt=question, answer=answer, source=source, meta=meta))
-    return problems
+    ``meta["messages"]`` when they differ from it. A null or empty prompt or ground truth leaves its
+    row out, counted in one warning (as ``rows_to_problems``)."""
+    return _build_rows(rows, origin, lambda row, i: _verl_problem(row, i, origin, default_source), "skip",
+                       "'prompt' or 'reward_model.ground_truth'")
+
+
+def _verl_problem(row: dict, i: int, origin: Any, default_source: str) -> Problem:
+    content = question_text(_user_content(get_field(row, "prompt", origin, i), origin, i), origin, i, "prompt")
+    extra = row.get("extra_info") or {}
+    parts = extra.get("answer_parts") or []
+    if len(parts) > 1:
+        answer: str | list[str] = [str(p) for p in parts]
+    else:
+        answer = answer_text(
+            get_field(row, "reward_model.ground_truth", origin, i), origin, i, "reward_model.ground_truth"
+        )
+    meta = json.loads(extra["meta"]) if isinstance(extra.get("meta"), str) else {}
+    meta |= {k: v for k, v in extra.items() if k not in ("meta", "answer_parts", "id", "index")}
+    for key, value in (
+        ("ability", row.get("ability")),
+        ("reward_style", (row["reward_model"] or {}).get("style")),
+    ):
+        if value is not None:
+            meta.setdefault(key, value)
+    question = strip_template(content)
+    if question != content or (isinstance(row["prompt"], list) and len(row["prompt"]) > 1):
+        meta["messages"] = row["prompt"]
+    source = row.get("data_source") or default_source
+    key = extra.get("id") or f"{source}/{extra.get('index', i)}"
+    return Problem(id=str(key), prompt=question, answer=answer, source=source, meta=meta)
 
 
 VERL_COLUMNS = ("data_source", "prompt", "ability", "reward_model", "extra_info")
@@ -227,12 +253,11 @@ class Preset:
     path: str  # relative to the data directory
     problem_field: str = "problem"
     answer_field: str = "answer"
-    on_missing: str = "error"
 
 
 PRESETS = {
     # MATH training split: 7,474 rows, 4 of them (886, 1009, 5328, 5330) without an answer
-    "math_train": Preset("train/math_train.json", on_missing="skip"),
+    "math_train": Preset("train/math_train.json"),
     "aime_1983_2023": Preset("train/aime_1983_2023.json"),  # AIME 1983-2023, 975 rows
 }
 
@@ -259,7 +284,6 @@ def load_problems(
             preset.answer_field,
             source=name,
             limit=limit,
-            on_missing=preset.on_missing,
         )
     if name in BENCHMARKS:
         return load_benchmark(name, data_dir)[:limit]

@@ -17,6 +17,10 @@ class DataError(UserError, ValueError):
     """A data file is missing a field, or has one of the wrong type; the message names both."""
 
 
+class MissingValue(DataError):
+    """A row's question or answer is there but null or empty: the loaders leave the row out."""
+
+
 def user_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     """``data_dir`` if given, else ``$STAPO_DATA_DIR``, else None; a named folder must exist."""
     origin = "data_dir"
@@ -44,9 +48,11 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None, what: str = "thi
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a JSON array (``.json``) or JSON-lines (``.jsonl``) file."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -70,19 +76,46 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def read_text(path: Path) -> str:
+    """A file's text as UTF-8; other bytes are a DataError naming the file, the line and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                        f"{err.start}); convert the file to UTF-8") from None
+
+
 def get_field(row: dict, field: str, path: Any, i: int) -> Any:
-    """``row[field]`` (dots reach into nested objects: ``reward_model.ground_truth``), or a DataError."""
+    """``row[field]`` (dots reach into nested objects: ``reward_model.ground_truth``): a DataError
+    if it is absent, a ``MissingValue`` if it is null."""
     value: Any = row
-    for key in field.split("."):
-        if not isinstance(value, dict) or key not in value or value[key] is None:
-            raise DataError(f"{path}: row {i} has no field {field!r} (fields: {sorted(row)})")
+    for depth, key in enumerate(field.split(".")):
+        if not isinstance(value, dict) or key not in value:
+            where = "row" if depth == 0 else f"field {'.'.join(field.split('.')[:depth])!r}"
+            has = sorted(value) if isinstance(value, dict) else type(value).__name__
+            raise DataError(f"{path}: row {i} has no field {field!r} (the {where} has {has})")
+        if value[key] is None:
+            raise MissingValue(f"{path}: row {i} field {field!r} is null")
         value = value[key]
+    return value
+
+
+def question_text(value: Any, path: Any = "?", i: int = 0, field: str = "problem") -> str:
+    """A question as text; blank is a ``MissingValue``, anything but text a DataError."""
+    if not isinstance(value, str):
+        raise DataError(f"{path}: row {i} field {field!r} is {type(value).__name__}, expected text")
+    if not value.strip():
+        raise MissingValue(f"{path}: row {i} field {field!r} is empty")
     return value
 
 
 def answer_text(value: Any, path: Any = "?", i: int = 0, field: str = "answer") -> str | list[str]:
     """A gold answer as text: numbers canonical (``27.0`` -> ``"27"``), lists as parts."""
-    if isinstance(value, bool) or value is None:
+    if value is None or (isinstance(value, (str, list, tuple)) and not value):
+        raise MissingValue(f"{path}: row {i} field {field!r} is {'null' if value is None else 'empty'}")
+    if isinstance(value, bool):
         raise DataError(f"{path}: row {i} field {field!r} is {value!r}, expected text or a number")
     if isinstance(value, int):
         return str(value)
@@ -90,7 +123,7 @@ def answer_text(value: Any, path: Any = "?", i: int = 0, field: str = "answer") 
         return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, str):
         if not value.strip():
-            raise DataError(f"{path}: row {i} field {field!r} is empty")
+            raise MissingValue(f"{path}: row {i} field {field!r} is empty")
         return value.strip()
     if isinstance(value, (list, tuple)) and value:
         parts = [answer_text(v, path, i, field) for v in value]

@@ -80,8 +80,10 @@ def load_for_eval(
     model at all (model is None); the engine loads the checkpoint itself from ``path``, in the
     checkpoint's dtype unless ``dtype`` says otherwise.
     """
+    from ..models.hub import resolve_model_source
     from ..rollout import make_generator
 
+    path = resolve_model_source(path, "--model")  # offline: the cached copy, or one line within seconds
     if backend == "vllm":
         tok = load_tokenizer(path)
         vllm_dtype = canonical_dtype(dtype)  # vLLM takes torch's names

@@ -35,6 +35,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import multiprocessing
+import os
+import signal
 import time
 import warnings
 import weakref
@@ -44,13 +46,15 @@ from typing import Any
 
 from .extract import has_box
 from .math_reward import MAX_ANSWER_CHARS, final_answer, gold_parts, parse_keys
-from .registry import BUILTIN, SIGNATURES, resolve_reward, reward_spec
+from .registry import BUILTIN, SIGNATURES, RewardError, check_spec, reward_spec
 from .terms import as_overlong, format_term, overlong_penalty
 
 Gold = str | Sequence[str]
 
 # how long a worker may take to import math-verify and warm up (a loaded CI machine is slow)
 STARTUP_TIMEOUT = 120.0
+# how long a worker may take to import a user's reward module (``import_timeout``'s default)
+IMPORT_TIMEOUT = 60.0
 # the in-worker soft alarm fires at this fraction of the hard limit, leaving time to answer
 SOFT_FRACTION = 0.75
 # answer string -> worker slot that parsed it, remembered for routing (LRU-bounded)
@@ -73,7 +77,8 @@ class _Worker:
     started: float
     ready: bool = False
     item: int | None = None  # index of the task it is working on
-    deadline: float = 0.0
+    deadline: float = 0.0  # of its item, or of its start-up phase
+    importing: bool = False  # in the user's module import (see worker.py's protocol)
 
 
 @dataclasses.dataclass
@@ -101,6 +106,19 @@ def _as_gold(g: Any) -> str | list[str]:
     return _as_text(g)
 
 
+def _kill_group(w: _Worker) -> None:
+    """SIGKILL the worker's process group: the worker and whatever its reward started. Called before
+    ``join`` reaps the worker, so its pid (the group's id) cannot have been reused yet; once only."""
+    if w.conn.closed:
+        return
+    try:
+        os.killpg(w.proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the group is empty already
+        pass
+    w.proc.join(timeout=5.0)
+    w.conn.close()
+
+
 def _shutdown(workers: list[_Worker]) -> None:
     for w in workers:
         try:
@@ -108,11 +126,8 @@ def _shutdown(workers: list[_Worker]) -> None:
         except (OSError, ValueError):
             pass
     for w in workers:
-        w.proc.join(timeout=1.0)
-        if w.proc.is_alive():
-            w.proc.kill()
-            w.proc.join(timeout=1.0)
-        w.conn.close()
+        wait([w.proc.sentinel], timeout=1.0)  # exited (or not) without being reaped
+        _kill_group(w)
 
 
 class RewardPool:
@@ -130,7 +145,10 @@ class RewardPool:
         signature: "auto", "verl", "trl" or "native" for a user function.
         gold_timeout: hard limit for parsing one new gold answer (``math``), seconds.
         memory_limit_mb: extra address space a worker may allocate (``None``: unlimited).
+        import_timeout: seconds a worker may take to import a ``module:function`` reward's module.
 
+    A ``module:function`` reward is imported and checked in a worker when the pool is built, so a
+    module that is missing, raises or hangs at import is a ``RewardError`` here, before any batch.
     Use as a context manager or call ``close()``.
     """
 
@@ -146,16 +164,18 @@ class RewardPool:
         signature: str = "auto",
         gold_timeout: float = 10.0,
         memory_limit_mb: int | None = 2048,
+        import_timeout: float = IMPORT_TIMEOUT,
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        if not timeout > 0 or not gold_timeout > 0:
-            raise ValueError(f"timeout and gold_timeout must be > 0 seconds, got {timeout}, {gold_timeout}")
+        if not timeout > 0 or not gold_timeout > 0 or not import_timeout > 0:
+            raise ValueError(f"timeout, gold_timeout and import_timeout must be > 0 seconds, "
+                             f"got {timeout}, {gold_timeout}, {import_timeout}")
         if signature not in SIGNATURES:
             raise ValueError(f"signature={signature!r}: expected one of {SIGNATURES}")
         self.reward = reward_spec(reward)
-        if self.reward not in BUILTIN:
-            resolve_reward(self.reward, signature)  # fail here, not in a worker, on a bad spec
+        check_spec(self.reward)  # its shape only: the user's module is imported in the workers
+        self.import_timeout = float(import_timeout)
         self.num_workers = num_workers
         self.timeout = float(timeout)
         self.gold_timeout = float(gold_timeout)
@@ -173,6 +193,12 @@ class RewardPool:
         self.last_item_status: list[str] = []  # per input of the last call: ok/timeout/error/no-answer
         self._workers = [self._spawn() for _ in range(num_workers)]
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+        if self.reward not in BUILTIN:  # a user's module: missing, raising or hanging fails here
+            try:
+                self.start()
+            except BaseException:
+                self.close()
+                raise
 
     # ---- lifecycle -------------------------------------------------------------------------
     def _spawn(self) -> _Worker:
@@ -187,13 +213,12 @@ class RewardPool:
         )
         proc.start()
         child.close()
-        return _Worker(proc=proc, conn=parent, started=time.monotonic())
+        now = time.monotonic()
+        return _Worker(proc=proc, conn=parent, started=now, deadline=now + STARTUP_TIMEOUT)
 
     def _replace(self, w: _Worker) -> None:
-        """Kill ``w`` (SIGKILL: a hung worker ignores anything softer) and start a fresh one."""
-        w.proc.kill()
-        w.proc.join(timeout=5.0)
-        w.conn.close()
+        """Kill ``w`` and its children (SIGKILL: a hung worker ignores anything softer) and start a fresh one."""
+        _kill_group(w)
         slot = self._workers.index(w)
         self._workers[slot] = self._spawn()
         for key in [k for k, s in self._home.items() if s == slot]:  # its parse cache is gone
@@ -262,10 +287,7 @@ class RewardPool:
             starting = [w for w in self._workers if not w.ready]
             if not busy and not any(queues) and (tasks or not starting):
                 break
-            if busy:
-                wait_s = min(w.deadline for w in busy) - now
-            else:
-                wait_s = min(w.started for w in starting) + STARTUP_TIMEOUT - now
+            wait_s = min(w.deadline for w in busy + starting) - now
             for conn in wait([w.conn for w in busy + starting], timeout=max(wait_s, 0.0)):
                 w = next(w for w in self._workers if w.conn is conn)
                 item, slot = w.item, self._workers.index(w)
@@ -279,8 +301,8 @@ class RewardPool:
                     results[w.item] = (0.0, "timeout")
                     seconds[w.item] = now - seconds[w.item]
                     self._replace(w)
-                elif not w.ready and now >= w.started + STARTUP_TIMEOUT:
-                    raise RuntimeError(f"reward worker did not start within {STARTUP_TIMEOUT:.0f}s")
+                elif not w.ready and now >= w.deadline:
+                    self._startup_overran(w)
         if tasks:
             self._count("reward/seconds", time.monotonic() - t0)
         return results, seconds
@@ -300,18 +322,37 @@ class RewardPool:
         while len(self._home) > HOME_SIZE:
             self._home.popitem(last=False)
 
+    def _startup_overran(self, w: _Worker) -> None:
+        _kill_group(w)
+        if w.importing:
+            module = self.reward.partition(":")[0]
+            raise RewardError(f"reward {self.reward!r}: importing module {module!r} did not finish within "
+                              f"{self.import_timeout:g} s (import_timeout); does it wait for something at import?")
+        raise RuntimeError(f"reward worker did not start within {STARTUP_TIMEOUT:.0f}s")
+
     def _receive(self, w: _Worker, results: list) -> bool:
         """Read ``w``'s message; True if it answered its item (False: start-up or death)."""
         try:
             msg = w.conn.recv()
         except (EOFError, OSError):  # the worker died (segfault, OOM killer)
             if not w.ready:
+                _kill_group(w)
+                if w.importing:  # the user's module ended the process (os._exit, a crash in C code)
+                    raise RewardError(f"reward {self.reward!r}: the reward worker exited while importing its "
+                                      f"module (exit code {w.proc.exitcode})")
                 raise RuntimeError(f"reward worker exited during start-up (exit code {w.proc.exitcode})")
             results[w.item] = (0.0, "error")
             self._replace(w)
             return False
         if not w.ready:
-            if msg[0] == "error":
+            kind = msg[0]
+            if kind in ("importing", "imported"):  # the user's import has its own time limit
+                w.importing = kind == "importing" and self.reward not in BUILTIN
+                w.deadline = time.monotonic() + (self.import_timeout if w.importing else STARTUP_TIMEOUT)
+                return False
+            if kind == "user-error":
+                raise RewardError(msg[1])
+            if kind == "error":
                 raise RuntimeError(f"reward worker failed to start ({self.reward!r}):\n{msg[1]}")
             w.ready = True
             return False

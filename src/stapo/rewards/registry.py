@@ -24,12 +24,19 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import UserError
+
 BUILTIN = {
     "math": "stapo.rewards.math_reward:math_reward",
     "dapo": "stapo.rewards.dapo:dapo_reward",
 }
 SIGNATURES = ("auto", "native", "verl", "trl")
 _GOLD_COLUMNS = ("solution", "answer", "ground_truth")
+
+
+class RewardError(UserError, ValueError):
+    """A reward that cannot be used: its module is missing, raises or hangs on import, or its function
+    is missing or has an unknown signature. One line, naming the ``module:function``."""
 
 
 class InvalidReward(ValueError):
@@ -50,22 +57,32 @@ def as_score(value: Any) -> float:
     return score
 
 
-def import_function(spec: str) -> Callable:
-    """``"package.module:function"`` -> the function (a clear error naming what is missing)."""
-    module_name, sep, attr = spec.partition(":")
+def check_spec(spec: str) -> tuple[str, str]:
+    """``"package.module:function"`` -> (module, attribute), checked for shape only (nothing imported)."""
+    module_name, sep, attr = BUILTIN.get(spec, spec).partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward {spec!r}: expected 'math', 'dapo' or 'module:function'")
+        raise RewardError(f"reward {spec!r}: expected 'math', 'dapo' or 'module:function'")
+    return module_name, attr
+
+
+def import_function(spec: str) -> Callable:
+    """``"package.module:function"`` -> the function (a ``RewardError`` naming what is missing)."""
+    module_name, attr = check_spec(spec)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {err}") from err
+        raise RewardError(f"reward {spec!r}: cannot import module {module_name!r}: {err}") from err
+    except (Exception, SystemExit) as err:  # the user's module raised at import
+        raise RewardError(
+            f"reward {spec!r}: importing module {module_name!r} raised {type(err).__name__}: {err}"
+        ) from err
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise RewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise TypeError(f"reward {spec!r}: {attr!r} is not callable")
+        raise RewardError(f"reward {spec!r}: {attr!r} is not callable")
     return obj
 
 
@@ -73,7 +90,7 @@ def function_spec(fn: Callable) -> str:
     """The ``module:function`` path of a module-level function (worker processes re-import it)."""
     spec = f"{fn.__module__}:{fn.__qualname__}"
     if "<" in spec or fn.__module__ == "__main__":
-        raise ValueError(
+        raise RewardError(
             f"reward function {spec!r} cannot be imported by a worker process: define it at module "
             "level in an importable module and pass it as 'module:function'"
         )
@@ -89,7 +106,7 @@ def detect_signature(fn: Callable) -> str:
         return "trl"
     if params[:2] == ["response", "gold"]:
         return "native"
-    raise ValueError(
+    raise RewardError(
         f"reward function {getattr(fn, '__qualname__', fn)!r} has parameters {params}: expected "
         "verl's (data_source, solution_str, ground_truth, extra_info=None), TRL's "
         "(prompts, completions, **columns) or (response, gold, **kwargs)"

@@ -25,7 +25,6 @@ from ..distributed import (
 )
 from ..objectives.training import objective_from_config
 from ..reuse import make_gate
-from ..rewards import RewardPool
 from ..rewards.pool import METRIC_KEYS
 from ..rollout import training_generator
 from . import rundir, setup
@@ -71,6 +70,8 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
     train_set, heldout = setup.load_problem_sets(cfg)
     run_dir, ckpt = held.enter_context(rundir.resume_run(resume, cfg, ctx)) if resume else (None, None)
     setup.check_prompt_lengths(cfg, train_set, heldout, ckpt)
+    setup.check_dtype(cfg, device, ckpt)
+    pool = held.enter_context(setup.reward_pool(**_reward_kwargs(cfg)))  # imports and checks a user's reward
     if not resume:  # created only now that the config and data are valid
         run_dir = held.enter_context(rundir.new_run(cfg, ctx))
     setup.seed_everything(cfg.seed + ctx.rank)  # each rank samples its own rollouts
@@ -114,7 +115,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                                cfg.keep_last, ctx)
         log.checkpoint(step, path)  # the trackers learn where it is
 
-    with RewardPool(**_reward_kwargs(cfg)) as pool, RunLogger(
+    with RunLogger(
         run_dir, cfg, state["step"], quiet, write=ctx.is_main
     ) as log:
         if state["step"] == 0:
@@ -271,7 +272,7 @@ def _reward_kwargs(cfg: TrainConfig) -> dict:
     if r.overlong_buffer:
         overlong = (cfg.rollout.max_new_tokens, r.overlong_buffer)
     return {"reward": r.name, "num_workers": r.num_workers, "timeout": r.timeout, "strict": r.strict,
-            "format_weight": r.format_weight, "overlong": overlong}
+            "format_weight": r.format_weight, "overlong": overlong, "import_timeout": r.import_timeout}
 
 
 torch.backends.cudnn.benchmark = False  # reproducible CUDA kernels for exact resume

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 from pathlib import Path
@@ -11,8 +12,10 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig, torch_dtype
+from ..config.dtypes import canonical_dtype
 from ..data.prompts import tokenize_prompt
 from ..errors import UserError
+from ..models.hub import looks_like_hub_id, resolve_model_source
 
 
 def seed_everything(seed: int) -> None:
@@ -63,8 +66,8 @@ def base_model_path(cfg: TrainConfig, log=print) -> str:
     """The model to start from: a hub id / local path, or a built-in demo task's model (built once, cached)."""
     from ..demo.tasks import TASKS
 
-    if cfg.model.name_or_path not in TASKS:
-        return cfg.model.name_or_path
+    if cfg.model.name_or_path not in TASKS:  # offline, a hub id is its cached copy (or one error, at once)
+        return resolve_model_source(cfg.model.name_or_path, "model.name_or_path")
     from ..demo.assets import build_base_model
 
     return str(build_base_model(Path(cfg.output_dir) / "_demo_base" / f"seed{cfg.seed}",
@@ -84,11 +87,85 @@ def load_tokenizer(cfg: TrainConfig, source: str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
-    except OSError as err:  # not a local folder nor a reachable hub id
+    except (OSError, ValueError) as err:  # not a local folder nor a reachable hub id; no tokenizer files
         raise UserError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {err}") from None
-    if tokenizer.pad_token_id is None:
+    if tokenizer.pad_token_id is None:  # batches are padded: eos stands in, as TRL does
+        if tokenizer.eos_token is None:
+            raise UserError(f"model.name_or_path: the tokenizer in {source!r} has neither a pad token nor an "
+                            "eos token; set pad_token in its tokenizer_config.json")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_dtype(cfg: TrainConfig, device: torch.device, checkpoint: Path | None) -> None:
+    """float16 does not train on a CPU (no loss scaling: the first step goes non-finite and sampling
+    breaks), so it is refused before the model loads; ``auto`` is the checkpoint's own dtype."""
+    if device.type != "cpu":
+        return
+    dtype, origin = canonical_dtype(cfg.model.dtype), f"model.dtype={cfg.model.dtype}"
+    if dtype == "auto":
+        config = Path(_sources(cfg, checkpoint)[0]) / "config.json"
+        saved = _read_json(config) if config.is_file() else {}
+        dtype = str(saved.get("dtype") or saved.get("torch_dtype") or "auto")
+        origin = f"model.dtype=auto is the checkpoint's {dtype}, which"
+    if dtype == "float16":
+        raise UserError(f"{origin} does not train on a CPU (its first step overflows to inf/nan); "
+                        "use model.dtype=float32 or bfloat16 on a CPU, float16 on a GPU")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.name_or_path: {path} is not valid JSON ({err})") from None
+    return value if isinstance(value, dict) else {}
+
+
+def check_model_folder(source: str) -> None:
+    """A local model folder holds a config.json and weights that are whole (safetensors headers
+    against file sizes: a truncated download or copy is named before anything loads)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        if looks_like_hub_id(source):
+            return  # a hub id, with the hub reachable
+        raise UserError(f"model.name_or_path: {source}: no such folder")
+    if not path.is_dir():
+        raise UserError(f"model.name_or_path: {source} is a file, not a model folder (save_pretrained's)")
+    if not (path / "config.json").is_file():
+        raise UserError(f"model.name_or_path: {source} is a folder but not a model: it has no config.json "
+                        "(expected a save_pretrained folder or a hub id)")
+    _read_json(path / "config.json")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+    else:
+        shards = ["model.safetensors"] if (path / "model.safetensors").is_file() else []
+    if not shards and not any(path.glob("pytorch_model*.bin")):
+        raise UserError(f"model.name_or_path: {source} has a config.json but no weights "
+                        "(model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
+    for shard in shards:
+        if problem := _safetensors_problem(path / shard):
+            raise UserError(f"model.name_or_path: {path / shard}: {problem}; copy or download it again")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's framing (None: header and size agree)."""
+    if not file.is_file():
+        return "missing (named in model.safetensors.index.json)"
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or n > size - 8:
+            return f"{size} bytes, too short for its own header: truncated or not a safetensors file"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "its header is not valid JSON: truncated or not a safetensors file"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and len(v.get("data_offsets", ())) == 2]
+    need = 8 + n + max(ends, default=0)
+    return f"{size} bytes, but its header describes {need}: truncated" if need > size else None
 
 
 def load_policy(cfg: TrainConfig, device: torch.device, checkpoint: Path | None = None):
@@ -109,12 +186,17 @@ def load_policy(cfg: TrainConfig, device: torch.device, checkpoint: Path | None 
 
 def check_prompt_lengths(cfg: TrainConfig, train_set: list, heldout: list | None, checkpoint: Path | None) -> None:
     """Every prompt plus ``rollout.max_new_tokens`` fits the model's positions. Reads the tokenizer and
-    the model's config only, so a too-long prompt stops the run before any weights load."""
+    the model's config only, so a too-long prompt stops the run before any weights load; the model
+    folder is checked first (``check_model_folder``)."""
     from transformers import AutoConfig
 
     model_source, tokenizer_source = _sources(cfg, checkpoint, log=print)  # builds the demo model once
+    check_model_folder(model_source)
     tokenizer = load_tokenizer(cfg, tokenizer_source)
-    model_cfg = AutoConfig.from_pretrained(model_source, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        model_cfg = AutoConfig.from_pretrained(model_source, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.name_or_path: cannot read the model config in {model_source!r}: {err}") from None
     positions = getattr(model_cfg, "max_position_embeddings", None) or getattr(model_cfg, "n_positions", None)
     if not positions:
         return
@@ -150,6 +232,17 @@ def _wrap_lora(model, cfg: TrainConfig, adapter_dir: Path | None):
     return get_peft_model(
         model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules)
     )
+
+
+def reward_pool(**kwargs):
+    """The reward workers (``RewardPool``); a reward that cannot be used is one line naming reward.name."""
+    from ..rewards import RewardPool
+    from ..rewards.registry import RewardError
+
+    try:
+        return RewardPool(**kwargs)
+    except RewardError as err:
+        raise UserError(f"reward.name: {err}") from err
 
 
 def frozen_copy(model):
