@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -118,9 +119,9 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
     ) as log:
         if state["step"] == 0:
             log.log(0, evaluate())
-        step = state["step"]
-        with _DeferredInterrupt() as interrupt:
-            while step < cfg.steps and not interrupt.requested:
+        step, stop = state["step"], False
+        with _DeferredInterrupt(verbose=ctx.is_main) as interrupt:
+            while step < cfg.steps and not stop:
                 step += 1
                 t0 = time.perf_counter()
                 # 1-2. sample P prompts (this rank's share) and generate G responses each
@@ -164,11 +165,12 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                 if ctx.is_main and cfg.diagnostics.dump_every and step % cfg.diagnostics.dump_every == 0:
                     diagnostics.dump(run_dir / "rollouts" / f"step_{step:06d}.parquet", batch, tokenizer, step)
                 log.log(step, metrics)
-                if step % cfg.save_every == 0 or step == cfg.steps or interrupt.requested:
+                # a signal reaches each rank at its own moment (torchrun forwards it): they agree here
+                stop = all_reduce_sum(float(interrupt.requested)) > 0
+                if step % cfg.save_every == 0 or step == cfg.steps or stop:
                     checkpoint(step)
-        if interrupt.requested:
-            log.message(f"interrupted: checkpoint saved at step {step}; continue with `stapo train --resume {run_dir}`")
-            return run_dir
+        if stop:
+            raise Interrupted(interrupt.signum or signal.SIGTERM, step, run_dir)
     if ctx.is_main:
         from .plots import plot_run
 
@@ -176,24 +178,48 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
     return run_dir
 
 
+class Interrupted(RuntimeError):
+    """SIGINT, SIGTERM or SIGHUP stopped the run after its step in flight; checkpoint ``step`` is saved."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        super().__init__(f"{signal.Signals(signum).name}: checkpoint saved at step {step}; "
+                         f"continue with `stapo train --resume {run_dir}`")
+
+
+# Ctrl-C, a scheduler's preemption (SLURM, Kubernetes: SIGTERM) and a closed terminal (SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class _DeferredInterrupt:
-    """Ctrl-C finishes the current step, saves a checkpoint and exits; a second Ctrl-C aborts at once."""
+    """A stop signal finishes the current step, saves a checkpoint and exits; a second one aborts at once."""
+
+    def __init__(self, verbose: bool = True):
+        self.verbose = verbose  # under torchrun every rank gets the signal; rank 0 speaks
 
     def __enter__(self):
-        self.requested = False
-        self._previous = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._handle)
+        self.requested, self.signum = False, None
+        self._main = threading.current_thread() is threading.main_thread()
+        self._previous = {s: signal.getsignal(s) for s in STOP_SIGNALS} if self._main else {}
+        for s in self._previous:
+            signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        name = signal.Signals(signum).name
+        if self.requested:  # the user (or the scheduler) insists: no save
+            self._say(f"{name} again: aborting now, without saving the step in flight")
+            raise SystemExit(128 + signum)
+        self.requested, self.signum = True, signum
+        self._say(f"{name}: finishing this step, then saving a checkpoint (send it again to abort at once)")
+
+    def _say(self, text: str) -> None:
+        if self.verbose:
+            print(text, file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def _step_metrics(batch, optimizer, t0, t1, t2, t3, rollouts) -> dict[str, float]:

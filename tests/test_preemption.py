@@ -1,0 +1,95 @@
+"""Preemption (docs/reliability.md, round 2): SIGTERM / SIGHUP / SIGINT to a real `stapo train`, to its
+PID or its process group, finish the step in flight, save it, print the resume command and exit with
+128 + the signal; `--resume` then continues. A second signal aborts at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stapo.trainer.checkpoint import checkpoint_dirs, verify_checkpoint
+from stapo.trainer.rundir import RunLock
+from test_reliability import ENV, steps_of, tiny_args
+
+
+def start(tiny_model_dir, out, *extra):
+    """A long `stapo train` in its own session (process group), as a scheduler starts a job."""
+    args = tiny_args(tiny_model_dir, out, "steps=400", "save_every=50", "data.heldout=null", *extra)
+    return subprocess.Popen([sys.executable, "-m", "stapo", "train", "--quiet", *args], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_step(proc, run_dir: Path, step: int, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not ((run_dir / "metrics.jsonl").is_file() and max(steps_of_safe(run_dir), default=0) >= step):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def steps_of_safe(run_dir: Path) -> list[int]:
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            out.append(json.loads(line)["step"])
+        except ValueError:  # the line being written
+            pass
+    return out
+
+
+def saved_step(run_dir: Path) -> int:
+    return int(checkpoint_dirs(run_dir)[-1].name.split("_")[1])
+
+
+@pytest.mark.parametrize(("sig", "to_group"), [(signal.SIGTERM, False), (signal.SIGTERM, True),
+                                               (signal.SIGHUP, False)])
+def test_a_stop_signal_saves_the_step_in_flight_and_resume_continues(tiny_model_dir, tmp_path, sig, to_group):
+    run_dir = tmp_path / "run"
+    proc = start(tiny_model_dir, tmp_path)
+    try:
+        wait_for_step(proc, run_dir, 2)
+        os.killpg(proc.pid, sig) if to_group else os.kill(proc.pid, sig)  # the group: reward workers too
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    step = saved_step(run_dir)
+    assert max(steps_of(run_dir)) == step >= 2  # at most the step in flight is lost: none here, it finished
+    assert verify_checkpoint(checkpoint_dirs(run_dir)[-1]) == []
+    name = signal.Signals(sig).name
+    assert f"{name}: finishing this step" in err
+    assert (f"stapo train: interrupted by {name}: checkpoint saved at step {step}; "
+            f"continue with `stapo train --resume {run_dir}`") in err
+    resumed = subprocess.run([sys.executable, "-m", "stapo", "train", "--quiet", "--resume", str(run_dir),
+                              f"steps={step + 1}"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert steps_of(run_dir) == list(range(step + 2))  # every step once, in order
+
+
+def test_a_second_signal_aborts_at_once_without_saving(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(tiny_model_dir, tmp_path)
+    try:
+        wait_for_step(proc, run_dir, 1)
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM again: aborting now, without saving" in err and "Traceback" not in err, err[-3000:]
+    assert not checkpoint_dirs(run_dir)  # save_every=50: nothing was saved
+    warnings = []  # the abort unwinds: the lock is released cleanly, not left to the kernel
+    RunLock(run_dir).acquire(warn=warnings.append).release()
+    assert warnings == []
