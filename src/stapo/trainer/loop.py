@@ -68,6 +68,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
 
 def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.ExitStack) -> Path:
     # --- inputs, checked before the model loads: data, the run directory (locked), prompt lengths ---
+    if not resume:
+        rundir.check_new_run(cfg)  # run_name, output_dir: before the data is read
     train_set, heldout = setup.load_problem_sets(cfg)
     run_dir, ckpt = held.enter_context(rundir.resume_run(resume, cfg, ctx)) if resume else (None, None)
     setup.check_prompt_lengths(cfg, train_set, heldout, ckpt)

@@ -16,7 +16,7 @@ import datetime
 import fcntl
 import json
 import os
-import shutil
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,8 +32,6 @@ from .trackers import IDS_FILE
 
 LOCK_FILE = ".lock"
 HISTORY = "config_history.jsonl"
-# What a new run writes; a re-run of a run name that left no checkpoint removes them (a clean start).
-RUN_OUTPUTS = ("metrics.jsonl", HISTORY, IDS_FILE, "rollouts", "plots", "tensorboard")
 # Keys a resumed run may not change, and why: the checkpoint's state depends on them.
 FROZEN_ON_RESUME = {
     "seed": "the data order and the saved RNG states come from it",
@@ -110,30 +108,78 @@ def _warn(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def check_new_run(cfg: TrainConfig) -> None:
+    """``run_name`` is a plain name and ``output_dir`` a folder this process can write: checked before any
+    work, so a bad one is one line and leaves no folder."""
+    name = cfg.run_name
+    if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name):
+        raise UserError(f"run_name {name!r} must be a plain name (no '/', not '.' or '..'): the run "
+                        f"directory is output_dir/run_name; put the path in output_dir")
+    out = Path(cfg.output_dir)
+    existing = next(p for p in (out, *out.parents) if p.exists())  # "." and "/" exist
+    if not existing.is_dir():
+        raise UserError(f"output_dir {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {out}: {existing} is not writable (read-only or no permission)")
+
+
+# What a run writes directly in its directory (relative paths); a clean start removes only these.
+_STAPO_FILES = re.compile(
+    r"(\.lock|config\.yaml|\.config\.yaml\.tmp|" + re.escape(HISTORY) + r"|metrics\.jsonl|\.metrics\.jsonl\.tmp|"
+    + re.escape(IDS_FILE) + r"|rollouts/step_\d+\.parquet|plots/curves\.png|"
+    r"tensorboard/(.+/)?events\.out\.tfevents\.[^/]+|checkpoints/\.(tmp|old|corrupt)-step_\d+/.+)"
+)
+_MARKERS = ("config.yaml", HISTORY)  # a folder with neither is not a stapo run
+
+
+def _foreign_files(run_dir: Path) -> list[str]:
+    """Files in ``run_dir`` that stapo did not write (all of them if it is not a stapo run)."""
+    files = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if not p.is_dir())
+    if not any((run_dir / m).is_file() for m in _MARKERS):
+        return [f for f in files if f != LOCK_FILE]
+    return [f for f in files if not _STAPO_FILES.fullmatch(f)]
+
+
+def _clean_start(run_dir: Path) -> None:
+    """Remove what an earlier attempt of this run wrote (no checkpoint was saved); nothing else is there."""
+    for path in sorted(run_dir.rglob("*"), reverse=True):  # files first, then the folders they emptied
+        rel = path.relative_to(run_dir).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):  # a folder the user made, empty: harmless either way
+                path.rmdir()
+        elif rel != LOCK_FILE and _STAPO_FILES.fullmatch(rel):
+            path.unlink()
+
+
 @contextlib.contextmanager
 def new_run(cfg: TrainConfig, ctx):
     """Create (or clean) ``output_dir/run_name`` and hold its lock; yields the run directory.
 
     A run directory that already has checkpoints is refused (resume it instead); one whose earlier
-    attempt left no checkpoint starts clean.
+    attempt left no checkpoint starts clean; one holding files stapo did not write is refused.
     """
     lock = None
 
     def open_main() -> Path:
         nonlocal lock
+        check_new_run(cfg)
         name = cfg.run_name or f"{cfg.objective.name}-s{cfg.seed}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         run_dir = Path(cfg.output_dir) / name
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"run directory {run_dir} is a file; choose another run_name")
+        if run_dir.is_dir() and not checkpoint_dirs(run_dir) and (foreign := _foreign_files(run_dir)):
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise UserError(f"run directory {run_dir} holds files stapo did not write ({shown}); "
+                            "choose another run_name or output_dir, or move them")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"output_dir {cfg.output_dir}: cannot create {run_dir} ({err.strerror})") from None
         lock = RunLock(run_dir).acquire()
         if checkpoint_dirs(run_dir):
             raise UserError(f"run directory {run_dir} already has checkpoints; continue it with "
                             f"`stapo train --resume {run_dir}` or choose another run_name")
-        for output in RUN_OUTPUTS:  # what a failed earlier attempt with this name left behind
-            path = run_dir / output
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        _clean_start(run_dir)  # what a failed earlier attempt with this name left behind
         record_config(run_dir, cfg, 0, None)
         return run_dir
 

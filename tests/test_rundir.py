@@ -1,0 +1,100 @@
+"""A run directory is the run's own (docs/reliability.md, round 2): ``run_name`` is a name, the run lies
+under ``output_dir``, and a clean start removes only what stapo wrote. Real `stapo train` calls, real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stapo.cli import main
+from test_reliability import one_line_error, steps_of, tiny_args
+
+
+def refused(capsys, argv, *fragments) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    return one_line_error(subprocess.CompletedProcess([], code, "", err), "stapo train: error:", *fragments)
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a folder)."""
+    return {p.relative_to(root).as_posix(): (None if p.is_dir() else p.read_bytes()) for p in root.rglob("*")}
+
+
+def user_folder(root: Path) -> Path:
+    """A folder of a user's own work, with one name (metrics.jsonl) that stapo also writes."""
+    (root / "plots").mkdir(parents=True)
+    (root / "plots" / "figure1.png").write_bytes(b"\x89PNG user figure")
+    (root / "tensorboard").mkdir()
+    (root / "rollouts").mkdir()
+    (root / "rollouts" / "notes.txt").write_text("my notes\n")
+    (root / "metrics.jsonl").write_text('{"step": 0, "mine": 1}\n')
+    return root
+
+
+@pytest.mark.parametrize("name", ["../escape", ".", "..", "a/b", "ABSOLUTE"])
+def test_run_name_that_is_a_path_is_refused_and_writes_nothing(tiny_model_dir, tmp_path, capsys, name):
+    out = tmp_path / "runs"
+    name = str(tmp_path / "elsewhere") if name == "ABSOLUTE" else name
+    refused(capsys, ["train", *tiny_args(tiny_model_dir, out, "steps=1"), f"run_name={name}"],
+            f"run_name {name!r} must be a plain name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output_dir, no escape, no elsewhere
+
+
+def test_an_absolute_run_name_never_touches_the_users_folder(tiny_model_dir, tmp_path, capsys):
+    """The issue's case: run_name=/that/folder used to clean it out."""
+    folder = user_folder(tmp_path / "that" / "folder")
+    before = tree(folder)
+    refused(capsys, ["train", *tiny_args(tiny_model_dir, tmp_path / "runs", "steps=1"), f"run_name={folder}"],
+            "must be a plain name")
+    assert tree(folder) == before and not (tmp_path / "runs").exists()
+
+
+def test_a_run_name_that_names_a_users_folder_is_refused_untouched(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    folder = user_folder(out / "mine")
+    before = tree(folder)
+    line = refused(capsys, ["train", *tiny_args(tiny_model_dir, out, "steps=1"), "run_name=mine"],
+                   f"run directory {folder} holds files stapo did not write")
+    assert "metrics.jsonl" in line and "plots/figure1.png" in line  # not a stapo run: even its metrics
+    assert tree(folder) == before  # no .lock either
+
+
+def test_a_stapo_run_with_a_users_file_is_refused_and_its_own_leftovers_are_cleaned(tiny_model_dir, tmp_path,
+                                                                                      capsys):
+    out = tmp_path / "runs"
+    args = tiny_args(tiny_model_dir, out, "steps=1", "save_every=100", "data.heldout=null")
+    run_dir = out / "run"
+    # an earlier attempt that died before its first save, leaving stapo's own files behind
+    run_dir.mkdir(parents=True)
+    (run_dir / "config_history.jsonl").write_text('{"step": 0, "event": "start"}\n')
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n')
+    (run_dir / "rollouts").mkdir()
+    (run_dir / "rollouts" / "step_000002.parquet").write_bytes(b"old dump")
+    (run_dir / "checkpoints" / ".tmp-step_000003" / "policy").mkdir(parents=True)
+    (run_dir / "checkpoints" / ".tmp-step_000003" / "policy" / "model.safetensors").write_bytes(b"half")
+    (run_dir / "rollouts" / "notes.txt").write_text("mine\n")
+    before = tree(run_dir)
+    refused(capsys, ["train", *args], "holds files stapo did not write (rollouts/notes.txt)")
+    assert tree(run_dir) == before
+    (run_dir / "rollouts" / "notes.txt").unlink()
+    assert main(["train", "--quiet", *args]) == 0
+    assert steps_of(run_dir) == [0, 1]  # a clean start: the old rows are gone
+    assert not (run_dir / "rollouts").exists() and not (run_dir / "checkpoints" / ".tmp-step_000003").exists()
+
+
+def test_output_dir_that_is_a_file_or_read_only_is_one_line(tiny_model_dir, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    for out in (a_file, a_file / "runs"):
+        refused(capsys, ["train", *tiny_args(tiny_model_dir, out, "steps=1")],
+                f"output_dir {out}: {a_file} is a file, not a folder")
+    read_only = Path("/proc/sys")  # mounted read-only for every user, root included
+    if os.access(read_only, os.W_OK):
+        pytest.skip("/proc/sys is writable here")
+    refused(capsys, ["train", *tiny_args(tiny_model_dir, read_only / "runs", "steps=1")],
+            f"output_dir {read_only / 'runs'}: {read_only} is not writable")
+    assert a_file.read_text() == "not a folder\n"
