@@ -98,3 +98,44 @@ def test_output_dir_that_is_a_file_or_read_only_is_one_line(tiny_model_dir, tmp_
     refused(capsys, ["train", *tiny_args(tiny_model_dir, read_only / "runs", "steps=1")],
             f"output_dir {read_only / 'runs'}: {read_only} is not writable")
     assert a_file.read_text() == "not a folder\n"
+
+
+# --- checkpoints and resume ----------------------------------------------------------------------
+
+from test_reliability import base_run, run_copy  # noqa: E402,F401 - the shared 2-step run and its copy
+
+
+def test_a_checkpoint_without_manifest_and_weights_falls_back_with_a_warning(run_copy, capsys):
+    _, run_dir = run_copy
+    gone = run_dir / "checkpoints" / "step_000002"
+    (gone / "manifest.json").unlink()
+    (gone / "policy" / "model.safetensors").unlink()
+    assert main(["train", "--quiet", "--resume", str(run_dir), "steps=3"]) == 0
+    err = capsys.readouterr().err
+    assert ("checkpoint step_000002 is corrupt (manifest.json: missing, policy/*.safetensors: missing)" in err
+            and "resuming from step_000001" in err and "Traceback" not in err), err
+    assert steps_of(run_dir) == [0, 1, 2, 3]
+
+
+def test_resume_at_or_below_the_checkpoint_says_so_and_changes_nothing(run_copy, capsys):
+    _, run_dir = run_copy
+    before = tree(run_dir)
+    line = refused(capsys, ["train", "--resume", str(run_dir), "steps=1"],
+                   "steps=1 is at or below the checkpoint's step 2; nothing changed",
+                   f"`stapo train --resume {run_dir} steps=M` with M > 2")
+    assert line and tree(run_dir) == before  # config.yaml, its history and the metrics as they were
+    # a finished run: at once, before the model loads, and the way on
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"stapo train: {run_dir} is at step 2 of 2: nothing to train; to continue, " in out
+    assert "stapo run" not in out  # no summary table: nothing ran
+    assert tree(run_dir) == before
+
+
+def test_config_yaml_is_headed_by_the_objective_line(base_run):
+    from stapo.config import build_config, objective_line
+
+    cfg, run_dir = base_run
+    first = (run_dir / "config.yaml").read_text().splitlines()[0]
+    assert first == f"# {objective_line(cfg)}" and first.startswith("# objective stapo: ")
+    assert objective_line(build_config(str(run_dir / "config.yaml"))) == objective_line(cfg)

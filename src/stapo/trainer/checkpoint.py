@@ -130,7 +130,8 @@ def save_checkpoint(
 def verify_checkpoint(ckpt: str | Path) -> list[str]:
     """What is wrong with ``ckpt`` against its manifest ([] = intact): one entry per bad file.
 
-    A checkpoint written before manifests existed is checked for its state file only.
+    A checkpoint without a manifest (written before manifests existed) must hold its state file and
+    its weights; one that lost both its manifest and its weights is not taken for such an old one.
     """
     ckpt = Path(ckpt)
     try:
@@ -141,8 +142,10 @@ def verify_checkpoint(ckpt: str | Path) -> list[str]:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return [f"{MANIFEST}: unreadable"]
     if expected is None:
-        state = ckpt / "trainer_state" / "state.json"
-        return [] if state.is_file() else ["trainer_state/state.json: missing"]
+        problems = [] if (ckpt / "trainer_state" / "state.json").is_file() else ["trainer_state/state.json: missing"]
+        if not (any((ckpt / "policy").glob("*.safetensors")) or (ckpt / "dcp").is_dir()):
+            problems += [f"{MANIFEST}: missing", "policy/*.safetensors: missing"]
+        return problems
     problems, to_hash = [], []
     for name, want in sorted(expected.items()):
         path = ckpt / name

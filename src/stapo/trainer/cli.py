@@ -63,10 +63,15 @@ def run(args) -> int:
     if main_rank:  # even with --quiet (progress only); once under torchrun
         print(objective_line(cfg), flush=True)
     from .loop import Interrupted, TrainingStopped, train
+    from .rundir import RunFinished
     from .summary import print_summary
 
     try:
         run_dir = train(cfg, resume=args.resume, quiet=args.quiet)
+    except RunFinished as err:  # said before the model loads; nothing was changed
+        if main_rank:
+            print(f"stapo train: {err}", flush=True)
+        return 0
     except TrainingStopped as err:
         raise SystemExit(f"training stopped: {err}") from None
     except Interrupted as err:  # saved: a scheduler reads 128 + the signal as "stopped by it", and requeues

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import TrainConfig, to_dict
+from ..config import TrainConfig, objective_line, to_dict
 from ..distributed import broadcast_object
 from ..errors import UserError
 from .checkpoint import STEP_DIR, checkpoint_dirs, resume_checkpoint
@@ -55,6 +55,10 @@ FROZEN_ON_RESUME = {
 
 class RunLockedError(UserError):
     """Another live process is writing to this run directory."""
+
+
+class RunFinished(UserError):
+    """``--resume`` of a run already at its last step: nothing to train, nothing changed (exit status 0)."""
 
 
 class RunLock:
@@ -205,6 +209,7 @@ def resume_run(resume: str | Path, cfg: TrainConfig, ctx):
         changes = config_changes(run_dir, cfg)
         ckpt = resume_checkpoint(run_dir, warn=_warn)
         step = int(STEP_DIR.match(ckpt.name).group(1))
+        _check_steps_left(run_dir, cfg.steps, step)  # before anything is rewritten
         try:
             truncate_metrics(run_dir, step)  # a torn last line goes; steps after the checkpoint are re-run
         except ValueError as err:  # a damaged line before the end: the user decides what to keep
@@ -222,8 +227,17 @@ def resume_run(resume: str | Path, cfg: TrainConfig, ctx):
             lock.release()
 
 
+def _check_steps_left(run_dir: Path, steps: int, step: int) -> None:
+    more = f"`stapo train --resume {run_dir} steps=M` with M > {step}"
+    if steps == step:
+        raise RunFinished(f"{run_dir} is at step {step} of {steps}: nothing to train; to continue, {more}")
+    if steps < step:
+        raise UserError(f"--resume {run_dir}: steps={steps} is at or below the checkpoint's step {step}; "
+                        f"nothing changed; to continue, {more}")
+
+
 def _on_main(ctx, fn):
-    """``fn()`` on rank 0, its result (or its user error) on every rank."""
+    """``fn()`` on rank 0, its result (or its user error, of the same class) on every rank."""
     result, error = None, None
     if ctx.is_main:
         try:
@@ -231,10 +245,10 @@ def _on_main(ctx, fn):
         except UserError as err:
             if ctx.world_size == 1:
                 raise
-            error = str(err)
+            error = (type(err), str(err))
     result, error = broadcast_object((result, error))
     if error is not None:
-        raise UserError(error)
+        raise error[0](error[1])
     return result
 
 
@@ -270,8 +284,8 @@ def config_changes(run_dir: Path, cfg: TrainConfig) -> dict[str, dict]:
 def record_config(run_dir: Path, cfg: TrainConfig, step: int, changes: dict | None) -> None:
     """Write ``config.yaml`` (atomically) and append the start (``changes`` None: the whole config) or
     the resume (what changed, from ``step`` on) to the config history."""
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp = run_dir / ".config.yaml.tmp"  # headed by the objective line, as `stapo config` prints it
+    tmp.write_text(f"# {objective_line(cfg)}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     os.replace(tmp, run_dir / "config.yaml")
     entry = {"step": step, "time": datetime.datetime.now().isoformat(timespec="seconds")}
     entry |= {"event": "start", "config": to_dict(cfg)} if changes is None else {"event": "resume", "changes": changes}
