@@ -4,13 +4,17 @@ under ``output_dir``, and a clean start removes only what stapo wrote. Real `sta
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from stapo.cli import main
-from test_reliability import one_line_error, steps_of, tiny_args
+from stapo.trainer.checkpoint import checkpoint_dirs, verify_checkpoint
+from test_reliability import ENV, one_line_error, steps_of, tiny_args, wait_for
 
 
 def refused(capsys, argv, *fragments) -> str:
@@ -139,3 +143,67 @@ def test_config_yaml_is_headed_by_the_objective_line(base_run):
     first = (run_dir / "config.yaml").read_text().splitlines()[0]
     assert first == f"# {objective_line(cfg)}" and first.startswith("# objective stapo: ")
     assert objective_line(build_config(str(run_dir / "config.yaml"))) == objective_line(cfg)
+
+
+# --- disk ---------------------------------------------------------------------------------------
+
+def test_enospc_while_saving_removes_the_partial_checkpoint_and_the_previous_one_resumes(run_copy, capsys,
+                                                                                        monkeypatch):
+    _, run_dir = run_copy
+    monkeypatch.setenv("STAPO_CHECKPOINT_FAULT", "enospc")  # the state file goes to /dev/full: a real ENOSPC
+    assert main(["train", "--quiet", "--resume", str(run_dir), "steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resuming at step 2 with changes: steps 2 -> 3\n") and "Traceback" not in err, err
+    one_line_error(subprocess.CompletedProcess([], 2, "", err.split("\n", 1)[1]),  # the one line after it
+                   "stapo train: error: checkpoint step 3 not saved: No space left on device",
+                   "removed the partial .tmp-step_000003", "the previous checkpoint step_000002 is intact")
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000001", "step_000002"]
+    assert verify_checkpoint(ckpts / "step_000002") == []
+    monkeypatch.delenv("STAPO_CHECKPOINT_FAULT")
+    assert main(["train", "--quiet", "--resume", str(run_dir), "steps=3"]) == 0
+    assert steps_of(run_dir) == [0, 1, 2, 3]
+
+
+def test_enospc_while_writing_metrics_is_one_line_and_the_run_resumes(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, tmp_path, "steps=400", "save_every=1", "data.heldout=null")
+    proc = subprocess.Popen([sys.executable, "-m", "stapo", "train", "--quiet", *args], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: checkpoint_dirs(run_dir), proc)
+        kept = tmp_path / "metrics.kept"
+        shutil.copy(run_dir / "metrics.jsonl", kept)
+        os.symlink("/dev/full", tmp_path / "full")
+        os.replace(tmp_path / "full", run_dir / "metrics.jsonl")  # the disk is full from the next row on
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    one_line_error(subprocess.CompletedProcess([], proc.returncode, "", err),
+                   f"cannot write {run_dir / 'metrics.jsonl'} (No space left on device)",
+                   f"`stapo train --resume {run_dir}`")
+    os.replace(kept, run_dir / "metrics.jsonl")  # space freed
+    saved = int(checkpoint_dirs(run_dir)[-1].name.split("_")[1])
+    assert main(["train", "--quiet", "--resume", str(run_dir), f"steps={saved + 1}"]) == 0
+    assert steps_of(run_dir) == list(range(saved + 2))
+
+
+def test_a_resumed_run_maps_no_checkpoint_file_so_pruning_frees_the_disk(run_copy):
+    """While a resumed run goes on, the checkpoint it loaded is pruned: it must not stay mapped (listed
+    "(deleted)" in /proc/PID/maps, its disk space still in use)."""
+    _, run_dir = run_copy
+    proc = subprocess.Popen([sys.executable, "-m", "stapo", "train", "--quiet", "--resume", str(run_dir),
+                             "steps=400", "save_every=1", "keep_last=1"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: [p.name for p in checkpoint_dirs(run_dir)] not in ([], ["step_000001", "step_000002"],
+                                                                           ["step_000002"]), proc)
+        mapped = [line for line in Path(f"/proc/{proc.pid}/maps").read_text().splitlines() if str(run_dir) in line]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run_dir / "checkpoints" / "step_000002").exists()  # the loaded one was pruned
+    assert mapped == []

@@ -29,7 +29,7 @@ from ..reuse import make_gate
 from ..rewards import RewardPool
 from ..rollout import training_generator
 from . import rundir, setup
-from .checkpoint import load_trainer_state, save_checkpoint
+from .checkpoint import load_trainer_state, release_mapped_files, save_checkpoint
 from .diagnose import StepDiagnostics
 from .heldout import heldout_accuracy
 from .logger import RunLogger, quiet_progress_bars
@@ -81,6 +81,8 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
 
     # --- set-up: policy, reference, optimizer, data, generation and reward workers ---
     model, tokenizer = setup.load_policy(cfg, device, ckpt)
+    if ckpt is not None:
+        release_mapped_files(model)  # so that pruning this checkpoint later frees its disk
     model.train()
     objective = objective_from_config(cfg)  # built once: its config and what it needs
     ref_model = setup.frozen_copy(model) if objective.needs_reference else None  # only when β > 0
