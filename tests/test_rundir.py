@@ -3,6 +3,7 @@ under ``output_dir``, and a clean start removes only what stapo wrote. Real `sta
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -207,3 +208,45 @@ def test_a_resumed_run_maps_no_checkpoint_file_so_pruning_frees_the_disk(run_cop
             proc.kill()
     assert not (run_dir / "checkpoints" / "step_000002").exists()  # the loaded one was pruned
     assert mapped == []
+
+
+# --- non-finite numbers (issue 24) ----------------------------------------------------------------
+
+def test_a_step_with_a_nan_gradient_is_skipped_and_says_so(run_copy, capsys, monkeypatch):
+    _, run_dir = run_copy
+    monkeypatch.setenv("STAPO_TEST_NAN", "grad@3")  # test hook: step 3's gradient is NaN
+    assert main(["train", "--quiet", "--resume", str(run_dir), "steps=4", "save_every=1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: step 3: non-finite loss or grad norm, optimizer step skipped (1 in a row)" in err, err
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert rows[3]["train/optimizer_steps"] == 0 and rows[3]["train/nonfinite_skipped"] > 0
+    assert rows[4]["train/optimizer_steps"] > 0  # the next step trains again
+    assert verify_checkpoint(checkpoint_dirs(run_dir)[-1]) == [] and checkpoint_dirs(run_dir)[-1].name == "step_000004"
+
+
+def test_non_finite_weights_stop_the_run_and_are_never_saved(run_copy, capsys, monkeypatch):
+    _, run_dir = run_copy
+    monkeypatch.setenv("STAPO_TEST_NAN", "weights@3")  # test hook: a NaN in the weights after step 3's update
+    with pytest.raises(SystemExit, match=r"training stopped: step 3: the update left non-finite values in the "
+                                         r"weights \(model\.embed_tokens\.weight\); not saved, the last "
+                                         r"checkpoint step_000002 is intact"):
+        main(["train", "--quiet", "--resume", str(run_dir), "steps=4", "save_every=1"])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    assert verify_checkpoint(run_dir / "checkpoints" / "step_000002") == []
+
+
+def test_save_checkpoint_refuses_non_finite_weights(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stapo.trainer.checkpoint import CheckpointError, save_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path, 1, model, None, optimizer, None, {})
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"checkpoint step 2 not saved: the weights hold non-finite values "
+                                              r"\(.*\); the run stops; the previous checkpoint step_000001"):
+        save_checkpoint(tmp_path, 2, model, None, optimizer, None, {})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from ..distributed import LOCAL, DistContext, barrier, unwrap
+from ..distributed import LOCAL, DistContext, all_reduce_sum, barrier, unwrap
 from ..errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -80,6 +80,15 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
+    bad = nonfinite_parameters(model)
+    if all_reduce_sum(len(bad)):  # every rank stops; a checkpoint that cannot train again is never written
+        previous = latest_checkpoint(run_dir)
+        raise CheckpointError(
+            f"checkpoint step {step} not saved: the weights hold non-finite values"
+            + (f" ({', '.join(bad[:2])}{' and more' if len(bad) > 2 else ''})" if bad else "") + "; the run stops; "
+            + (f"the previous checkpoint {previous.name} is intact: lower optim.lr, then "
+               f"`stapo train --resume {run_dir} optim.lr=...`" if previous else "no earlier checkpoint exists")
+        )
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -247,6 +256,17 @@ def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, sched
     np_state = meta["rng"][rank]["numpy"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     return {"step": meta["step"], **meta["state"]}
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of this rank's parameters (its shards, under FSDP2) holding a NaN or an infinity."""
+    bad = []
+    with torch.no_grad():
+        for name, p in unwrap(model).named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if not bool(torch.isfinite(local).all()):
+                bad.append(name)
+    return bad
 
 
 def release_mapped_files(model) -> None:

@@ -6,6 +6,7 @@ Every phase is a named function from ``stapo.trainer.phases``; this file only wi
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -29,7 +30,13 @@ from ..reuse import make_gate
 from ..rewards import RewardPool
 from ..rollout import training_generator
 from . import rundir, setup
-from .checkpoint import load_trainer_state, release_mapped_files, save_checkpoint
+from .checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    nonfinite_parameters,
+    release_mapped_files,
+    save_checkpoint,
+)
 from .diagnose import StepDiagnostics
 from .heldout import heldout_accuracy
 from .logger import RunLogger, quiet_progress_bars
@@ -46,6 +53,10 @@ from .phases import (
     split_constant_groups,
     update_policy,
 )
+
+
+# test hook (docs/reliability.md): "grad@N" gives step N a NaN gradient, "weights@N" NaN weights after its update
+_NAN_ENV = "STAPO_TEST_NAN"
 
 
 class TrainingStopped(RuntimeError):
@@ -142,7 +153,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                 t2 = time.perf_counter()
                 # 4. group-relative advantages (a group never straddles ranks)
                 attach_advantages(batch, G, cfg.objective.advantage)
-                with autocast:
+                with autocast, _injected_nan(model, step):
                     # 5. log-probs of the rollout policy, at the rollout temperature (logits / T); a separate
                     # no-grad pass only when something needs them before the update's own first forward
                     if not old_stats_from_update(cfg, batch, gate=gate, ref_model=ref_model, objective=objective):
@@ -157,12 +168,13 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                                              gate=gate, collision=diagnostics.enabled, objective=objective)
                     metrics |= diagnostics.measure(batch)  # rollout policy's p, H, quadrants, what S2T silences
                 scheduler.step()
+                _stop_if_weights_nonfinite(model, step, run_dir)  # before they generate or are saved
                 generator.wake_up()
                 generator.update_weights(unwrap(model))  # the next rollouts sample the new policy
                 t3 = time.perf_counter()
                 metrics |= _step_metrics(batch, optimizer, t0, t1, t2, t3, state["rollouts"])
                 metrics = reduce_metrics(metrics, SUM_METRICS)
-                _check_finite(metrics, state, cfg, log)
+                _check_finite(metrics, state, cfg, step, ctx.is_main)
                 # 7. evaluate, checkpoint, log
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                     metrics |= evaluate()
@@ -241,12 +253,14 @@ def _step_metrics(batch, optimizer, t0, t1, t2, t3, rollouts) -> dict[str, float
     }
 
 
-def _check_finite(metrics: dict, state: dict, cfg: TrainConfig, log) -> None:
-    """Skipped non-finite steps warn; too many in a row stop the run (the last checkpoint stays)."""
+def _check_finite(metrics: dict, state: dict, cfg: TrainConfig, step: int, speak: bool) -> None:
+    """A skipped non-finite step is one line on stderr, --quiet or not; too many in a row stop the run
+    (the last checkpoint stays)."""
     if metrics["train/nonfinite_skipped"] and not metrics["train/optimizer_steps"]:
         state["consecutive_nonfinite"] += 1
-        log.message(f"warning: non-finite loss or grad norm, optimizer step skipped "
-                    f"({state['consecutive_nonfinite']} in a row)")
+        if speak:
+            print(f"warning: step {step}: non-finite loss or grad norm, optimizer step skipped "
+                  f"({state['consecutive_nonfinite']} in a row)", file=sys.stderr, flush=True)
         if state["consecutive_nonfinite"] >= cfg.optim.max_nonfinite_steps:
             raise TrainingStopped(
                 f"{state['consecutive_nonfinite']} consecutive steps had a non-finite loss or gradient norm "
@@ -255,6 +269,38 @@ def _check_finite(metrics: dict, state: dict, cfg: TrainConfig, log) -> None:
             )
     else:
         state["consecutive_nonfinite"] = 0
+
+
+@contextlib.contextmanager
+def _injected_nan(model, step: int):
+    """The ``STAPO_TEST_NAN`` test hook around step ``step``'s update; nothing when it is unset."""
+    fault = os.environ.get(_NAN_ENV)
+    if fault not in (f"grad@{step}", f"weights@{step}"):
+        yield
+        return
+    param = next(p for p in unwrap(model).parameters() if p.requires_grad)
+    hook = param.register_hook(lambda g: torch.full_like(g, float("nan"))) if fault.startswith("grad") else None
+    yield
+    if hook is not None:
+        hook.remove()
+    else:
+        with torch.no_grad():
+            param.view(-1)[0] = float("nan")
+
+
+def _stop_if_weights_nonfinite(model, step: int, run_dir: Path) -> None:
+    """An update that left a NaN or an infinity in the weights stops the run: they would fail to generate,
+    and must never be saved."""
+    bad = nonfinite_parameters(model)
+    if all_reduce_sum(len(bad)):
+        previous = latest_checkpoint(run_dir)
+        raise TrainingStopped(
+            f"step {step}: the update left non-finite values in the weights"
+            + (f" ({', '.join(bad[:2])}{' and more' if len(bad) > 2 else ''})" if bad else "")
+            + (f"; not saved, the last checkpoint {previous.name} is intact: lower optim.lr (or use "
+               f"model.dtype=bfloat16 / float32), then `stapo train --resume {run_dir}`" if previous
+               else "; nothing saved: lower optim.lr (or use model.dtype=bfloat16 / float32) and start again")
+        )
 
 
 def _refill(batch, pool, sampler, generator, tokenizer, cfg, ctx):
