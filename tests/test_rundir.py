@@ -250,3 +250,21 @@ def test_save_checkpoint_refuses_non_finite_weights(tiny_model_dir, tmp_path):
                                               r"\(.*\); the run stops; the previous checkpoint step_000001"):
         save_checkpoint(tmp_path, 2, model, None, optimizer, None, {})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
+
+
+def test_a_step_without_any_learning_signal_is_counted_and_warned_about(tiny_model_dir, tmp_path, capsys):
+    args = tiny_args(tiny_model_dir, tmp_path, "steps=2", "data.heldout=null",
+                     "reward.name=helpers.rewards:constant_reward")  # every group: equal rewards
+    assert main(["train", "--quiet", *args]) == 0
+    err = capsys.readouterr().err
+    for step in (1, 2):
+        assert (f"warning: step {step}: all 4 groups have equal rewards (zero advantage): no learning signal "
+                "this step") in err, err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [(r["reward/zero_signal_groups"], r["reward/groups"]) for r in rows] == [(4, 4), (4, 4)]
+
+
+def test_mixed_rewards_count_only_the_constant_groups(base_run):
+    _, run_dir = base_run  # digit_reward: mixed groups in most steps
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    assert all(0 <= r["reward/zero_signal_groups"] <= r["reward/groups"] == 4 for r in rows)

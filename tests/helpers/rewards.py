@@ -21,3 +21,8 @@ def nan_reward(data_source, solution_str, ground_truth, extra_info=None):
     if "3" in solution_str:
         return float("nan")
     return 1.0 if str(ground_truth)[0] in solution_str else 0.0
+
+
+def constant_reward(data_source, solution_str, ground_truth, extra_info=None):
+    """0.5 for every response: every group has equal rewards, so no group carries a learning signal."""
+    return 0.5

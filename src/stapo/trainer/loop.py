@@ -149,6 +149,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                 metrics = score_rollouts(pool, batch)
                 if cfg.rollout.dynamic_sampling:  # DAPO: keep informative groups only, refill
                     batch = _refill(batch, pool, sampler, generator, tokenizer, cfg, ctx)
+                metrics |= _signal_metrics(batch, G, step, ctx.is_main)
                 state["rollouts"] += int(all_reduce_sum(len(batch)))
                 t2 = time.perf_counter()
                 # 4. group-relative advantages (a group never straddles ranks)
@@ -269,6 +270,17 @@ def _check_finite(metrics: dict, state: dict, cfg: TrainConfig, step: int, speak
             )
     else:
         state["consecutive_nonfinite"] = 0
+
+
+def _signal_metrics(batch, group_size: int, step: int, speak: bool) -> dict[str, float]:
+    """``reward/zero_signal_groups``: groups (of all ranks) whose rewards are all equal, so their advantages
+    are zero; a step where no group has signal is warned about, since it cannot move the policy."""
+    groups = all_reduce_sum(len(batch) // group_size)
+    constant = all_reduce_sum(len(split_constant_groups(batch, group_size)[1]) // group_size)
+    if speak and groups and constant == groups:
+        print(f"warning: step {step}: all {int(groups)} groups have equal rewards (zero advantage): no learning "
+              "signal this step; check the reward function, or raise rollout.n", file=sys.stderr, flush=True)
+    return {"reward/zero_signal_groups": constant, "reward/groups": groups}
 
 
 @contextlib.contextmanager
