@@ -93,3 +93,34 @@ def test_a_second_signal_aborts_at_once_without_saving(tiny_model_dir, tmp_path)
     warnings = []  # the abort unwinds: the lock is released cleanly, not left to the kernel
     RunLock(run_dir).acquire(warn=warnings.append).release()
     assert warnings == []
+
+
+@pytest.mark.slow
+def test_torchrun_job_preempted_saves_once_and_resumes(tiny_model_dir, tmp_path):
+    """SIGTERM to a 2-rank gloo job's process group (each rank gets it from the kernel and again from
+    torchrun): the ranks agree on one step, rank 0 saves it and says so once; the resumed job's summary
+    is printed once."""
+    from test_distributed import TORCHRUN, _env
+
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, tmp_path, "steps=400", "save_every=50", "data.heldout=null",
+                     "parallel.strategy=ddp")
+    env = {**_env(), "PYTHONPATH": ENV["PYTHONPATH"]}
+    proc = subprocess.Popen([*TORCHRUN, "-m", "stapo", "train", "--quiet", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_step(proc, run_dir, 2, seconds=300)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    step = saved_step(run_dir)
+    assert err.count(f"interrupted by SIGTERM: checkpoint saved at step {step}") == 1, err[-4000:]
+    assert "aborting now" not in err and max(steps_of(run_dir)) == step
+    assert verify_checkpoint(checkpoint_dirs(run_dir)[-1]) == []
+    resumed = subprocess.run([*TORCHRUN, "-m", "stapo", "train", "--quiet", "--resume", str(run_dir),
+                              f"steps={step + 1}"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("held-out accuracy (sampled), before RL") == 1, resumed.stdout  # rank 0 only
+    assert steps_of(run_dir) == list(range(step + 2))

@@ -224,11 +224,18 @@ class _DeferredInterrupt:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if self.requested and self._echo(signum):
+            return
         if self.requested:  # the user (or the scheduler) insists: no save
             self._say(f"{name} again: aborting now, without saving the step in flight")
             raise SystemExit(128 + signum)
-        self.requested, self.signum = True, signum
+        self.requested, self.signum, self._at = True, signum, time.monotonic()
         self._say(f"{name}: finishing this step, then saving a checkpoint (send it again to abort at once)")
+
+    def _echo(self, signum: int) -> bool:
+        """Under torchrun a signal to the job's process group reaches a rank twice: from the kernel and
+        forwarded by torchrun. The same signal within seconds is that echo, not a request to abort."""
+        return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and signum == self.signum and time.monotonic() - self._at < 5
 
     def _say(self, text: str) -> None:
         if self.verbose:
