@@ -124,3 +124,21 @@ def test_torchrun_job_preempted_saves_once_and_resumes(tiny_model_dir, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("held-out accuracy (sampled), before RL") == 1, resumed.stdout  # rank 0 only
     assert steps_of(run_dir) == list(range(step + 2))
+
+
+def test_a_signal_during_set_up_stops_at_once_in_one_line(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(tiny_model_dir, tmp_path)
+    try:  # the lock is taken before the model loads and the reward workers start: set-up
+        deadline = time.monotonic() + 120
+        while not ((run_dir / ".lock").is_file() and (run_dir / ".lock").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1] == "SIGTERM before the first step: stopping, nothing new to save", err
+    assert "Traceback" not in err and not checkpoint_dirs(run_dir)

@@ -78,6 +78,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
 
 
 def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.ExitStack) -> Path:
+    held.enter_context(_DeferredInterrupt(verbose=ctx.is_main, defer=False))  # set-up: a signal stops at once
     # --- inputs, checked before the model loads: data, the run directory (locked), prompt lengths ---
     if not resume:
         rundir.check_new_run(cfg)  # run_name, output_dir: before the data is read
@@ -135,7 +136,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
         if state["step"] == 0:
             log.log(0, evaluate())
         step, stop = state["step"], False
-        with _DeferredInterrupt(verbose=ctx.is_main) as interrupt:
+        with _DeferredInterrupt(verbose=ctx.is_main) as interrupt:  # a signal waits for the step in flight
             while step < cfg.steps and not stop:
                 step += 1
                 t0 = time.perf_counter()
@@ -211,8 +212,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class _DeferredInterrupt:
     """A stop signal finishes the current step, saves a checkpoint and exits; a second one aborts at once."""
 
-    def __init__(self, verbose: bool = True):
+    def __init__(self, verbose: bool = True, defer: bool = True):
         self.verbose = verbose  # under torchrun every rank gets the signal; rank 0 speaks
+        self.defer = defer  # False before the steps: nothing to finish, nothing new to save
 
     def __enter__(self):
         self.requested, self.signum = False, None
@@ -224,6 +226,9 @@ class _DeferredInterrupt:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if not self.defer:  # set-up (loading, the first evaluation)
+            self._say(f"{name} before the first step: stopping, nothing new to save")
+            raise SystemExit(128 + signum)
         if self.requested and self._echo(signum):
             return
         if self.requested:  # the user (or the scheduler) insists: no save
