@@ -127,11 +127,12 @@ def check_new_run(cfg: TrainConfig) -> None:
         raise UserError(f"output_dir {out}: {existing} is not writable (read-only or no permission)")
 
 
-# What a run writes directly in its directory (relative paths); a clean start removes only these.
+# What a run writes in its directory (paths relative to it; wandb/: the wandb tracker's own files); a
+# clean start removes only these.
 _STAPO_FILES = re.compile(
     r"(\.lock|config\.yaml|\.config\.yaml\.tmp|" + re.escape(HISTORY) + r"|metrics\.jsonl|\.metrics\.jsonl\.tmp|"
     + re.escape(IDS_FILE) + r"|rollouts/step_\d+\.parquet|plots/curves\.png|"
-    r"tensorboard/(.+/)?events\.out\.tfevents\.[^/]+|checkpoints/\.(tmp|old|corrupt)-step_\d+/.+)"
+    r"tensorboard/(.+/)?events\.out\.tfevents\.[^/]+|wandb/.+|checkpoints/\.(tmp|old|corrupt)-step_\d+/.+)"
 )
 _MARKERS = ("config.yaml", HISTORY)  # a folder with neither is not a stapo run
 
