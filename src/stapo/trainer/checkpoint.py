@@ -260,13 +260,13 @@ def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, sched
 
 def nonfinite_parameters(model) -> list[str]:
     """Names of this rank's parameters (its shards, under FSDP2) holding a NaN or an infinity."""
-    bad = []
-    with torch.no_grad():
-        for name, p in unwrap(model).named_parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            if not bool(torch.isfinite(local).all()):
-                bad.append(name)
-    return bad
+    named = list(unwrap(model).named_parameters())
+    if not named:
+        return []
+    with torch.no_grad():  # one flag per tensor, then one device-to-host copy (checked after every update)
+        finite = torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+                              for _, p in named]).cpu()
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
 
 
 def release_mapped_files(model) -> None:
