@@ -97,9 +97,9 @@ def test_a_second_signal_aborts_at_once_without_saving(tiny_model_dir, tmp_path)
 
 @pytest.mark.slow
 def test_torchrun_job_preempted_saves_once_and_resumes(tiny_model_dir, tmp_path):
-    """SIGTERM to a 2-rank gloo job's process group (each rank gets it from the kernel and again from
-    torchrun): the ranks agree on one step, rank 0 saves it and says so once; the resumed job's summary
-    is printed once."""
+    """SIGTERM to every process of a 2-rank gloo job, as SLURM delivers it: each rank gets it directly and
+    again forwarded by torchrun (whose ranks run in their own sessions). The repeat is not a second signal:
+    the ranks agree on one step, rank 0 saves it and says so once; the resumed job's summary prints once."""
     from test_distributed import TORCHRUN, _env
 
     run_dir = tmp_path / "run"
@@ -110,7 +110,12 @@ def test_torchrun_job_preempted_saves_once_and_resumes(tiny_model_dir, tmp_path)
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         wait_for_step(proc, run_dir, 2, seconds=300)
-        os.killpg(proc.pid, signal.SIGTERM)
+        ranks = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(ranks) == 2, ranks
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)  # apart, so that a rank runs its handler twice (nearly at once they would merge)
+        os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it to each rank
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -78,7 +78,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
 
 
 def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.ExitStack) -> Path:
-    held.enter_context(_DeferredInterrupt(verbose=ctx.is_main, defer=False))  # set-up: a signal stops at once
+    interrupt = held.enter_context(_DeferredInterrupt(verbose=ctx.is_main))  # set-up: a signal stops at once
     # --- inputs, checked before the model loads: data, the run directory (locked), prompt lengths ---
     if not resume:
         rundir.check_new_run(cfg)  # run_name, output_dir: before the data is read
@@ -136,7 +136,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
         if state["step"] == 0:
             log.log(0, evaluate())
         step, stop = state["step"], False
-        with _DeferredInterrupt(verbose=ctx.is_main) as interrupt:  # a signal waits for the step in flight
+        with interrupt.deferred():  # from here on a signal waits for the step in flight, then saves it
             while step < cfg.steps and not stop:
                 step += 1
                 t0 = time.perf_counter()
@@ -212,9 +212,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class _DeferredInterrupt:
     """A stop signal finishes the current step, saves a checkpoint and exits; a second one aborts at once."""
 
-    def __init__(self, verbose: bool = True, defer: bool = True):
+    def __init__(self, verbose: bool = True):
         self.verbose = verbose  # under torchrun every rank gets the signal; rank 0 speaks
-        self.defer = defer  # False before the steps: nothing to finish, nothing new to save
+        self.defer = False  # before the steps: nothing to finish, nothing new to save
 
     def __enter__(self):
         self.requested, self.signum = False, None
@@ -223,6 +223,11 @@ class _DeferredInterrupt:
         for s in self._previous:
             signal.signal(s, self._handle)
         return self
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.defer = True  # and so it stays: after the loop, the step was saved
+        yield self
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
@@ -238,8 +243,8 @@ class _DeferredInterrupt:
         self._say(f"{name}: finishing this step, then saving a checkpoint (send it again to abort at once)")
 
     def _echo(self, signum: int) -> bool:
-        """Under torchrun a signal to the job's process group reaches a rank twice: from the kernel and
-        forwarded by torchrun. The same signal within seconds is that echo, not a request to abort."""
+        """Under torchrun, a signal sent to every process of a job (as SLURM does) reaches a rank twice:
+        directly and forwarded by torchrun. The same signal within seconds is that echo, not a second one."""
         return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and signum == self.signum and time.monotonic() - self._at < 5
 
     def _say(self, text: str) -> None:
