@@ -114,7 +114,7 @@ def test_torchrun_job_preempted_saves_once_and_resumes(tiny_model_dir, tmp_path)
         assert len(ranks) == 2, ranks
         for pid in ranks:
             os.kill(pid, signal.SIGTERM)
-        time.sleep(0.5)  # apart, so that a rank runs its handler twice (nearly at once they would merge)
+        time.sleep(0.1)  # apart, so that a rank runs its handler twice (at once they would merge), in one step
         os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it to each rank
         _, err = proc.communicate(timeout=120)
     finally:
