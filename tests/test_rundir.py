@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 
+import test_reliability
 from stapo.cli import main
 from stapo.trainer.checkpoint import checkpoint_dirs, verify_checkpoint
 from test_reliability import ENV, one_line_error, steps_of, tiny_args, wait_for
+
+base_run = test_reliability.base_run  # fixtures: the shared 2-step run (checkpoints 1 and 2) and its copy
+run_copy = test_reliability.run_copy
 
 
 def refused(capsys, argv, *fragments) -> str:
@@ -106,8 +110,6 @@ def test_output_dir_that_is_a_file_or_read_only_is_one_line(tiny_model_dir, tmp_
 
 
 # --- checkpoints and resume ----------------------------------------------------------------------
-
-from test_reliability import base_run, run_copy  # noqa: E402,F401 - the shared 2-step run and its copy
 
 
 def test_a_checkpoint_without_manifest_and_weights_falls_back_with_a_warning(run_copy, capsys):

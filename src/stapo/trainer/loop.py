@@ -54,7 +54,6 @@ from .phases import (
     update_policy,
 )
 
-
 # test hook (docs/reliability.md): "grad@N" gives step N a NaN gradient, "weights@N" NaN weights after its update
 _NAN_ENV = "STAPO_TEST_NAN"
 
