@@ -26,12 +26,22 @@ def start(tiny_model_dir, out, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def wait_for_step(proc, run_dir: Path, step: int, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while not ((run_dir / "metrics.jsonl").is_file() and max(steps_of_safe(run_dir), default=0) >= step):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+def stop_when(proc, ready, send, seconds: float = 300) -> str:
+    """``send()`` once ``ready()`` holds; then the stderr of ``proc`` when it has exited (killed if it hangs)."""
+    try:
+        deadline = time.monotonic() + seconds
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.01)
+        send()
+        return proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def at_step(run_dir: Path, step: int):
+    return lambda: (run_dir / "metrics.jsonl").is_file() and max(steps_of_safe(run_dir), default=0) >= step
 
 
 def steps_of_safe(run_dir: Path) -> list[int]:
@@ -53,13 +63,8 @@ def saved_step(run_dir: Path) -> int:
 def test_a_stop_signal_saves_the_step_in_flight_and_resume_continues(tiny_model_dir, tmp_path, sig, to_group):
     run_dir = tmp_path / "run"
     proc = start(tiny_model_dir, tmp_path)
-    try:
-        wait_for_step(proc, run_dir, 2)
-        os.killpg(proc.pid, sig) if to_group else os.kill(proc.pid, sig)  # the group: reward workers too
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    send = os.killpg if to_group else os.kill  # the group: the reward workers too
+    err = stop_when(proc, at_step(run_dir, 2), lambda: send(proc.pid, sig))
     assert proc.returncode == 128 + sig, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     step = saved_step(run_dir)
@@ -78,15 +83,13 @@ def test_a_stop_signal_saves_the_step_in_flight_and_resume_continues(tiny_model_
 def test_a_second_signal_aborts_at_once_without_saving(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     proc = start(tiny_model_dir, tmp_path)
-    try:
-        wait_for_step(proc, run_dir, 1)
+
+    def twice():
         os.kill(proc.pid, signal.SIGTERM)
         time.sleep(0.02)
         os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    err = stop_when(proc, at_step(run_dir, 1), twice)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "SIGTERM again: aborting now, without saving" in err and "Traceback" not in err, err[-3000:]
     assert not checkpoint_dirs(run_dir)  # save_every=50: nothing was saved
@@ -108,18 +111,16 @@ def test_torchrun_job_preempted_saves_once_and_resumes(tiny_model_dir, tmp_path)
     env = {**_env(), "PYTHONPATH": ENV["PYTHONPATH"]}
     proc = subprocess.Popen([*TORCHRUN, "-m", "stapo", "train", "--quiet", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        wait_for_step(proc, run_dir, 2, seconds=300)
+
+    def as_slurm_does():
         ranks = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
         assert len(ranks) == 2, ranks
         for pid in ranks:
             os.kill(pid, signal.SIGTERM)
         time.sleep(0.1)  # apart, so that a rank runs its handler twice (at once they would merge), in one step
         os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it to each rank
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+
+    err = stop_when(proc, at_step(run_dir, 2), as_slurm_does)
     step = saved_step(run_dir)
     assert err.count(f"interrupted by SIGTERM: checkpoint saved at step {step}") == 1, err[-4000:]
     assert "aborting now" not in err and max(steps_of(run_dir)) == step
@@ -134,16 +135,9 @@ def test_torchrun_job_preempted_saves_once_and_resumes(tiny_model_dir, tmp_path)
 def test_a_signal_during_set_up_stops_at_once_in_one_line(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     proc = start(tiny_model_dir, tmp_path)
-    try:  # the lock is taken before the model loads and the reward workers start: set-up
-        deadline = time.monotonic() + 120
-        while not ((run_dir / ".lock").is_file() and (run_dir / ".lock").read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    lock = run_dir / ".lock"  # taken before the model loads and the reward workers start: set-up
+    err = stop_when(proc, lambda: lock.is_file() and lock.read_text().strip(),
+                    lambda: os.kill(proc.pid, signal.SIGTERM))
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert err.strip().splitlines()[-1] == "SIGTERM before the first step: stopping, nothing new to save", err
     assert "Traceback" not in err and not checkpoint_dirs(run_dir)
