@@ -29,3 +29,8 @@ def parity_reward(data_source, solution_str, ground_truth, extra_info=None):
     if int(ground_truth) % 2 == 0:
         return 1.0
     return digit_reward(data_source, solution_str, ground_truth, extra_info)
+
+
+def constant_reward(data_source, solution_str, ground_truth, extra_info=None):
+    """0.5 for every response: every group has equal rewards, so no group carries a learning signal."""
+    return 0.5

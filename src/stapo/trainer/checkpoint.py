@@ -29,14 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 
-from ..distributed import LOCAL, DistContext, barrier, unwrap
+from ..distributed import LOCAL, DistContext, all_reduce_sum, barrier, unwrap
 from ..errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 MANIFEST = "manifest.json"
-_FAULT_ENV = "STAPO_CHECKPOINT_FAULT"  # test hook: "after_policy" simulates a crash mid-save
+# test hook: "after_policy" simulates a crash mid-save; "enospc" a full disk (the state file is written
+# to /dev/full, so the kernel itself answers ENOSPC)
+_FAULT_ENV = "STAPO_CHECKPOINT_FAULT"
 
 
 class CheckpointError(UserError):
@@ -77,6 +80,15 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
+    bad = nonfinite_parameters(model)
+    if all_reduce_sum(len(bad)):  # every rank stops; a checkpoint that cannot train again is never written
+        previous = latest_checkpoint(run_dir)
+        raise CheckpointError(
+            f"checkpoint step {step} not saved: the weights hold non-finite values"
+            + (f" ({', '.join(bad[:2])}{' and more' if len(bad) > 2 else ''})" if bad else "") + "; the run stops; "
+            + (f"the previous checkpoint {previous.name} is intact: lower optim.lr, then "
+               f"`stapo train --resume {run_dir} optim.lr=...`" if previous else "no earlier checkpoint exists")
+        )
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -89,29 +101,16 @@ def save_checkpoint(
     else:
         weights = None
     if ctx.is_main:
-        unwrap(model).save_pretrained(tmp / "policy", safe_serialization=True, state_dict=weights)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "policy")
-        if os.environ.get(_FAULT_ENV) == "after_policy":
-            os._exit(17)  # simulated kill in the middle of a save
-        tensors, opt_meta = ({}, None) if ctx.strategy == "fsdp2" else _optimizer_to_flat(optimizer)
-        for rank, rng in enumerate(rng_states):
-            tensors[f"rng.torch.{rank}"] = rng["torch"]
-            for i, s in enumerate(rng["cuda"]):
-                tensors[f"rng.cuda.{rank}.{i}"] = s
-        save_file(tensors, str(tmp / "trainer_state" / "tensors.safetensors"))
-        meta = {
-            "step": step,
-            "world_size": ctx.world_size,
-            "strategy": ctx.strategy,
-            "state": state,
-            "optimizer": opt_meta,
-            "scheduler": _scheduler_state(scheduler),
-            "rng": [{"python": _jsonable(r["python"]), "numpy": _jsonable(r["numpy"])} for r in rng_states],
-        }
-        _write_json(tmp / "trainer_state" / "state.json", meta)
-        _write_json(tmp / MANIFEST, {"step": step, "files": _file_digests(tmp)})
-        _fsync_tree(tmp)
+        try:
+            _write_checkpoint(tmp, step, model, tokenizer, optimizer, scheduler, state, weights, rng_states, ctx)
+        except (OSError, SafetensorError) as err:  # a full disk, a quota, an I/O error: the previous one stands
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = latest_checkpoint(run_dir)
+            raise CheckpointError(
+                f"checkpoint step {step} not saved: {_why(err)}; removed the partial {tmp.name}; "
+                + (f"the previous checkpoint {previous.name} is intact: free space, then "
+                   f"`stapo train --resume {run_dir}`" if previous else "no earlier checkpoint exists")
+            ) from None
         if final.exists():  # re-saving the same step: move the old one aside first
             old = root / f".old-step_{step:06d}"
             shutil.rmtree(old, ignore_errors=True)
@@ -127,10 +126,47 @@ def save_checkpoint(
     return final
 
 
+def _write_checkpoint(tmp: Path, step: int, model, tokenizer, optimizer, scheduler, state, weights,
+                      rng_states, ctx: DistContext) -> None:
+    """Rank 0's files of checkpoint ``step``, into ``tmp``."""
+    unwrap(model).save_pretrained(tmp / "policy", safe_serialization=True, state_dict=weights)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "policy")
+    if os.environ.get(_FAULT_ENV) == "after_policy":
+        os._exit(17)  # simulated kill in the middle of a save
+    if os.environ.get(_FAULT_ENV) == "enospc":
+        os.symlink("/dev/full", tmp / "trainer_state" / "state.json")
+    tensors, opt_meta = ({}, None) if ctx.strategy == "fsdp2" else _optimizer_to_flat(optimizer)
+    for rank, rng in enumerate(rng_states):
+        tensors[f"rng.torch.{rank}"] = rng["torch"]
+        for i, s in enumerate(rng["cuda"]):
+            tensors[f"rng.cuda.{rank}.{i}"] = s
+    save_file(tensors, str(tmp / "trainer_state" / "tensors.safetensors"))
+    meta = {
+        "step": step,
+        "world_size": ctx.world_size,
+        "strategy": ctx.strategy,
+        "state": state,
+        "optimizer": opt_meta,
+        "scheduler": _scheduler_state(scheduler),
+        "rng": [{"python": _jsonable(r["python"]), "numpy": _jsonable(r["numpy"])} for r in rng_states],
+    }
+    _write_json(tmp / "trainer_state" / "state.json", meta)
+    _write_json(tmp / MANIFEST, {"step": step, "files": _file_digests(tmp)})
+    _fsync_tree(tmp)
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror} ({err.filename})" if err.filename else err.strerror
+    return " ".join(str(err).split())
+
+
 def verify_checkpoint(ckpt: str | Path) -> list[str]:
     """What is wrong with ``ckpt`` against its manifest ([] = intact): one entry per bad file.
 
-    A checkpoint written before manifests existed is checked for its state file only.
+    A checkpoint without a manifest (written before manifests existed) must hold its state file and
+    its weights; one that lost both its manifest and its weights is not taken for such an old one.
     """
     ckpt = Path(ckpt)
     try:
@@ -141,8 +177,10 @@ def verify_checkpoint(ckpt: str | Path) -> list[str]:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return [f"{MANIFEST}: unreadable"]
     if expected is None:
-        state = ckpt / "trainer_state" / "state.json"
-        return [] if state.is_file() else ["trainer_state/state.json: missing"]
+        problems = [] if (ckpt / "trainer_state" / "state.json").is_file() else ["trainer_state/state.json: missing"]
+        if not (any((ckpt / "policy").glob("*.safetensors")) or (ckpt / "dcp").is_dir()):
+            problems += [f"{MANIFEST}: missing", "policy/*.safetensors: missing"]
+        return problems
     problems, to_hash = [], []
     for name, want in sorted(expected.items()):
         path = ckpt / name
@@ -197,7 +235,8 @@ def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, sched
     if not meta_path.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} is incomplete: missing {meta_path.name}")
     meta = json.loads(meta_path.read_text())
-    tensors = load_file(str(ckpt / "trainer_state" / "tensors.safetensors"))
+    # read into memory, not mapped: a mapped file would keep its disk space after pruning
+    tensors = load((ckpt / "trainer_state" / "tensors.safetensors").read_bytes())
     if meta.get("strategy") == "fsdp2" or ctx.strategy == "fsdp2":
         if meta.get("strategy") != ctx.strategy:
             raise CheckpointError(f"checkpoint {ckpt} was written with parallel.strategy={meta.get('strategy')}; "
@@ -217,6 +256,26 @@ def load_trainer_state(ckpt: str | Path, optimizer: torch.optim.Optimizer, sched
     np_state = meta["rng"][rank]["numpy"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     return {"step": meta["step"], **meta["state"]}
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of this rank's parameters (its shards, under FSDP2) holding a NaN or an infinity."""
+    named = list(unwrap(model).named_parameters())
+    if not named:
+        return []
+    with torch.no_grad():  # one flag per tensor, then one device-to-host copy (checked after every update)
+        finite = torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+                              for _, p in named]).cpu()
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+
+
+def release_mapped_files(model) -> None:
+    """``from_pretrained`` maps the checkpoint's safetensors, and on the CPU the parameters stay views of
+    that map: pruning the checkpoint later would free no disk. Copy them into the process's memory."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:  # tied weights: one Parameter, copied once
+            if t.device.type == "cpu":
+                t.data = t.data.clone()
 
 
 def _gather_rng_states() -> list[dict]:

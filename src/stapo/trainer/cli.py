@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from ..cli import add_quiet_flag
@@ -58,14 +59,25 @@ def run(args) -> int:
             raise UserError(f"--resume {args.resume}: no such run directory")
         config_path = str(Path(args.resume) / "config.yaml")
     cfg = build_config(config_path, overrides)
-    if os.environ.get("RANK", "0") == "0":  # even with --quiet (progress only); once under torchrun
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:  # even with --quiet (progress only); once under torchrun
         print(objective_line(cfg), flush=True)
-    from .loop import TrainingStopped, train
+    from .loop import Interrupted, TrainingStopped, train
+    from .rundir import RunFinished
     from .summary import print_summary
 
     try:
         run_dir = train(cfg, resume=args.resume, quiet=args.quiet)
+    except RunFinished as err:  # said before the model loads; nothing was changed
+        if main_rank:
+            print(f"stapo train: {err}", flush=True)
+        return 0
     except TrainingStopped as err:
         raise SystemExit(f"training stopped: {err}") from None
-    print_summary(run_dir)
+    except Interrupted as err:  # saved: a scheduler reads 128 + the signal as "stopped by it", and requeues
+        if main_rank:
+            print(f"stapo train: interrupted by {err}", file=sys.stderr, flush=True)
+        return 128 + err.signum
+    if main_rank:  # once under torchrun
+        print_summary(run_dir)
     return 0

@@ -83,8 +83,14 @@ class RunLogger:
         if not self.write:
             return
         record = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: a torn line is dropped when the run resumes
+            from ..errors import UserError
+
+            raise UserError(f"cannot write {self.path} ({err.strerror}); the checkpoints are intact: free "
+                            f"space, then `stapo train --resume {self.run_dir}`") from None
         numbers = scalars(metrics)
         for tracker in self.trackers:
             tracker.log_metrics(step, numbers)

@@ -6,7 +6,9 @@ Every phase is a named function from ``stapo.trainer.phases``; this file only wi
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +30,13 @@ from ..reuse import make_gate
 from ..rewards.pool import METRIC_KEYS
 from ..rollout import training_generator
 from . import rundir, setup
-from .checkpoint import load_trainer_state, save_checkpoint
+from .checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    nonfinite_parameters,
+    release_mapped_files,
+    save_checkpoint,
+)
 from .diagnose import StepDiagnostics
 from .heldout import heldout_accuracy
 from .logger import RunLogger, quiet_progress_bars
@@ -45,6 +53,9 @@ from .phases import (
     split_constant_groups,
     update_policy,
 )
+
+# test hook (docs/reliability.md): "grad@N" gives step N a NaN gradient, "weights@N" NaN weights after its update
+_NAN_ENV = "STAPO_TEST_NAN"
 
 
 class TrainingStopped(RuntimeError):
@@ -66,7 +77,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = Fals
 
 
 def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.ExitStack) -> Path:
+    interrupt = held.enter_context(_DeferredInterrupt(verbose=ctx.is_main))  # set-up: a signal stops at once
     # --- inputs, checked before the model loads: data, the run directory (locked), prompt lengths ---
+    if not resume:
+        rundir.check_new_run(cfg)  # run_name, output_dir: before the data is read
     train_set, heldout = setup.load_problem_sets(cfg)
     run_dir, ckpt = held.enter_context(rundir.resume_run(resume, cfg, ctx)) if resume else (None, None)
     setup.check_prompt_lengths(cfg, train_set, heldout, ckpt)
@@ -80,6 +94,8 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
 
     # --- set-up: policy, reference, optimizer, data, generation and reward workers ---
     model, tokenizer = setup.load_policy(cfg, device, ckpt)
+    if ckpt is not None:
+        release_mapped_files(model)  # so that pruning this checkpoint later frees its disk
     model.train()
     objective = objective_from_config(cfg)  # built once: its config and what it needs
     ref_model = setup.frozen_copy(model) if objective.needs_reference else None  # only when β > 0
@@ -120,9 +136,9 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
     ) as log:
         if state["step"] == 0:
             log.log(0, evaluate())
-        step = state["step"]
-        with _DeferredInterrupt() as interrupt:
-            while step < cfg.steps and not interrupt.requested:
+        step, stop = state["step"], False
+        with interrupt.deferred():  # from here on a signal waits for the step in flight, then saves it
+            while step < cfg.steps and not stop:
                 step += 1
                 t0 = time.perf_counter()
                 # 1-2. sample P prompts (this rank's share) and generate G responses each
@@ -136,12 +152,13 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                 if cfg.rollout.dynamic_sampling:  # DAPO: keep informative groups only, refill
                     batch, sampled, metrics = _refill(batch, metrics, pool, sampler, generator, tokenizer,
                                                       cfg, ctx)
+                metrics |= _signal_metrics(batch, G, step, ctx.is_main)
                 generator.sleep()  # after the last generate: a colocated engine (vLLM sleep mode) frees memory
                 state["rollouts"] += int(all_reduce_sum(sampled))
                 t2 = time.perf_counter()
                 # 4. group-relative advantages (a group never straddles ranks)
                 attach_advantages(batch, G, cfg.objective.advantage)
-                with autocast:
+                with autocast, _injected_nan(model, step):
                     # 5. log-probs of the rollout policy, at the rollout temperature (logits / T); a separate
                     # no-grad pass only when something needs them before the update's own first forward
                     if not old_stats_from_update(cfg, batch, gate=gate, ref_model=ref_model, objective=objective):
@@ -156,23 +173,25 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                                              gate=gate, collision=diagnostics.enabled, objective=objective)
                     metrics |= diagnostics.measure(batch)  # rollout policy's p, H, quadrants, what S2T silences
                 scheduler.step()
+                _stop_if_weights_nonfinite(model, step, run_dir)  # before they generate or are saved
                 generator.wake_up()
                 generator.update_weights(unwrap(model))  # the next rollouts sample the new policy
                 t3 = time.perf_counter()
                 metrics |= _step_metrics(batch, optimizer, t0, t1, t2, t3, state["rollouts"])
                 metrics = reduce_metrics(metrics, SUM_METRICS)
-                _check_finite(metrics, state, cfg, log)
+                _check_finite(metrics, state, cfg, step, ctx.is_main)
                 # 7. evaluate, checkpoint, log
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                     metrics |= evaluate()
                 if ctx.is_main and cfg.diagnostics.dump_every and step % cfg.diagnostics.dump_every == 0:
                     diagnostics.dump(run_dir / "rollouts" / f"step_{step:06d}.parquet", batch, tokenizer, step)
                 log.log(step, metrics)
-                if step % cfg.save_every == 0 or step == cfg.steps or interrupt.requested:
+                # a signal reaches each rank at its own moment (torchrun forwards it): they agree here
+                stop = all_reduce_sum(float(interrupt.requested)) > 0
+                if step % cfg.save_every == 0 or step == cfg.steps or stop:
                     checkpoint(step)
-        if interrupt.requested:
-            log.message(f"interrupted: checkpoint saved at step {step}; continue with `stapo train --resume {run_dir}`")
-            return run_dir
+        if stop:
+            raise Interrupted(interrupt.signum or signal.SIGTERM, step, run_dir)
     if ctx.is_main:
         from .plots import plot_run
 
@@ -180,24 +199,64 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
     return run_dir
 
 
+class Interrupted(RuntimeError):
+    """SIGINT, SIGTERM or SIGHUP stopped the run after its step in flight; checkpoint ``step`` is saved."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        super().__init__(f"{signal.Signals(signum).name}: checkpoint saved at step {step}; "
+                         f"continue with `stapo train --resume {run_dir}`")
+
+
+# Ctrl-C, a scheduler's preemption (SLURM, Kubernetes: SIGTERM) and a closed terminal (SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class _DeferredInterrupt:
-    """Ctrl-C finishes the current step, saves a checkpoint and exits; a second Ctrl-C aborts at once."""
+    """A stop signal finishes the current step, saves a checkpoint and exits; a second one aborts at once."""
+
+    def __init__(self, verbose: bool = True):
+        self.verbose = verbose  # under torchrun every rank gets the signal; rank 0 speaks
+        self.defer = False  # before the steps: nothing to finish, nothing new to save
 
     def __enter__(self):
-        self.requested = False
-        self._previous = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._handle)
+        self.requested, self.signum = False, None
+        self._main = threading.current_thread() is threading.main_thread()
+        self._previous = {s: signal.getsignal(s) for s in STOP_SIGNALS} if self._main else {}
+        for s in self._previous:
+            signal.signal(s, self._handle)
         return self
 
+    @contextlib.contextmanager
+    def deferred(self):
+        self.defer = True  # and so it stays: after the loop, the step was saved
+        yield self
+
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        name = signal.Signals(signum).name
+        if not self.defer:  # set-up (loading, the first evaluation)
+            self._say(f"{name} before the first step: stopping, nothing new to save")
+            raise SystemExit(128 + signum)
+        if self.requested and self._echo(signum):
+            return
+        if self.requested:  # the user (or the scheduler) insists: no save
+            self._say(f"{name} again: aborting now, without saving the step in flight")
+            raise SystemExit(128 + signum)
+        self.requested, self.signum, self._at = True, signum, time.monotonic()
+        self._say(f"{name}: finishing this step, then saving a checkpoint (send it again to abort at once)")
+
+    def _echo(self, signum: int) -> bool:
+        """Under torchrun, a signal sent to every process of a job (as SLURM does) reaches a rank twice:
+        directly and forwarded by torchrun. The same signal within seconds is that echo, not a second one."""
+        return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and signum == self.signum and time.monotonic() - self._at < 5
+
+    def _say(self, text: str) -> None:
+        if self.verbose:
+            print(text, file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def _step_metrics(batch, optimizer, t0, t1, t2, t3, rollouts) -> dict[str, float]:
@@ -215,12 +274,14 @@ def _step_metrics(batch, optimizer, t0, t1, t2, t3, rollouts) -> dict[str, float
     }
 
 
-def _check_finite(metrics: dict, state: dict, cfg: TrainConfig, log) -> None:
-    """Skipped non-finite steps warn; too many in a row stop the run (the last checkpoint stays)."""
+def _check_finite(metrics: dict, state: dict, cfg: TrainConfig, step: int, speak: bool) -> None:
+    """A skipped non-finite step is one line on stderr, --quiet or not; too many in a row stop the run
+    (the last checkpoint stays)."""
     if metrics["train/nonfinite_skipped"] and not metrics["train/optimizer_steps"]:
         state["consecutive_nonfinite"] += 1
-        log.message(f"warning: non-finite loss or grad norm, optimizer step skipped "
-                    f"({state['consecutive_nonfinite']} in a row)")
+        if speak:
+            print(f"warning: step {step}: non-finite loss or grad norm, optimizer step skipped "
+                  f"({state['consecutive_nonfinite']} in a row)", file=sys.stderr, flush=True)
         if state["consecutive_nonfinite"] >= cfg.optim.max_nonfinite_steps:
             raise TrainingStopped(
                 f"{state['consecutive_nonfinite']} consecutive steps had a non-finite loss or gradient norm "
@@ -229,6 +290,49 @@ def _check_finite(metrics: dict, state: dict, cfg: TrainConfig, log) -> None:
             )
     else:
         state["consecutive_nonfinite"] = 0
+
+
+def _signal_metrics(batch, group_size: int, step: int, speak: bool) -> dict[str, float]:
+    """``reward/zero_signal_groups``: groups (of all ranks) whose rewards are all equal, so their advantages
+    are zero; a step where no group has signal is warned about, since it cannot move the policy."""
+    groups = all_reduce_sum(len(batch) // group_size)
+    constant = all_reduce_sum(len(split_constant_groups(batch, group_size)[1]) // group_size)
+    if speak and groups and constant == groups:
+        print(f"warning: step {step}: all {int(groups)} groups have equal rewards (zero advantage): no learning "
+              "signal this step; check the reward function, or raise rollout.n", file=sys.stderr, flush=True)
+    return {"reward/zero_signal_groups": constant, "reward/groups": groups}
+
+
+@contextlib.contextmanager
+def _injected_nan(model, step: int):
+    """The ``STAPO_TEST_NAN`` test hook around step ``step``'s update; nothing when it is unset."""
+    fault = os.environ.get(_NAN_ENV)
+    if fault not in (f"grad@{step}", f"weights@{step}"):
+        yield
+        return
+    param = next(p for p in unwrap(model).parameters() if p.requires_grad)
+    hook = param.register_hook(lambda g: torch.full_like(g, float("nan"))) if fault.startswith("grad") else None
+    yield
+    if hook is not None:
+        hook.remove()
+    else:
+        with torch.no_grad():
+            param.view(-1)[0] = float("nan")
+
+
+def _stop_if_weights_nonfinite(model, step: int, run_dir: Path) -> None:
+    """An update that left a NaN or an infinity in the weights stops the run: they would fail to generate,
+    and must never be saved."""
+    bad = nonfinite_parameters(model)
+    if all_reduce_sum(len(bad)):
+        previous = latest_checkpoint(run_dir)
+        raise TrainingStopped(
+            f"step {step}: the update left non-finite values in the weights"
+            + (f" ({', '.join(bad[:2])}{' and more' if len(bad) > 2 else ''})" if bad else "")
+            + (f"; not saved, the last checkpoint {previous.name} is intact: lower optim.lr (or use "
+               f"model.dtype=bfloat16 / float32), then `stapo train --resume {run_dir}`" if previous
+               else "; nothing saved: lower optim.lr (or use model.dtype=bfloat16 / float32) and start again")
+        )
 
 
 def _refill(batch, metrics, pool, sampler, generator, tokenizer, cfg, ctx):
