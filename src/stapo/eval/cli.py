@@ -71,8 +71,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         default="hf",
-        choices=["hf", "vllm"],
-        help="generation backend (default: hf); vllm needs `pip install 'stapo[vllm]'`",
+        help="generation backend, one of the registered rollout backends (default: hf); "
+        "vllm needs `pip install 'stapo[vllm]'`",
     )
     p.add_argument(
         "--dtype",
@@ -204,10 +204,8 @@ def _run(args) -> int:
     with out_lock(out):
         try:
             reporter.phase(f"loading {args.model} ({dtype}, {settings.backend})")
-            model, tok, generator = load_for_eval(
-                args.model, settings.backend, args.dtype, args.device, settings.batch_size
-            )
-        except ValueError:
+            model, tok, generator = load_for_eval(args.model, settings, args.dtype, args.device)
+        except (ValueError, UserError):
             if created:  # a model that does not load leaves no output folder behind
                 shutil.rmtree(out, ignore_errors=True)
             raise
