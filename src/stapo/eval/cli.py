@@ -186,10 +186,12 @@ def _run(args) -> int:
         print(f"\nper-step results under {Path(args.run) / 'eval'}; plot: accuracy_vs_step.png")
         return 0
 
+    from ..models.hub import resolve_model_source
     from .harness import CONFIG, check_config, config_record, evaluate, out_lock
     from .loading import check_not_run_dir, dtype_name, load_for_eval
 
     check_not_run_dir(args.model)
+    source = resolve_model_source(args.model, "--model")  # offline: the cached copy, or one line within seconds
     out = Path(args.out) if args.out else _default_out(args.model)
     dtype = dtype_name(args.dtype, args.device, settings.backend)
     # refused before the model loads: a folder another eval writes, or one of other settings
@@ -203,7 +205,7 @@ def _run(args) -> int:
     with out_lock(out):
         try:
             reporter.phase(f"loading {args.model} ({dtype}, {settings.backend})")
-            model, tok, generator = load_for_eval(args.model, settings, args.dtype, args.device)
+            model, tok, generator = load_for_eval(source, settings, args.dtype, args.device)
         except (ValueError, UserError):
             if created:  # a model that does not load leaves no output folder behind
                 shutil.rmtree(out, ignore_errors=True)

@@ -28,16 +28,15 @@ def check_not_run_dir(path: str, flag: str = "--model") -> None:
 
 
 def load_for_eval(path: str, settings, dtype: str = "auto", device: str = "auto"):
-    """(model, tokenizer, generator) for ``stapo eval`` with ``settings.backend``.
+    """(model, tokenizer, generator) for ``stapo eval`` with ``settings.backend``; ``path`` is a local
+    folder or a hub id already resolved (``models.hub.resolve_model_source``).
 
     The transformers model is loaded in eval mode on ``device``, unless the backend loads the weights
     itself (vLLM: model is None; the engine reads ``path``, in the checkpoint's dtype unless ``dtype``
     says otherwise).
     """
-    from ..models.hub import resolve_model_source
     from ..rollout.backends import eval_generator, get_backend
 
-    path = resolve_model_source(path, "--model")  # offline: the cached copy, or one line within seconds
     tok = load_tokenizer(path, "--model")
     model = None
     if not get_backend(settings.backend).loads_weights:
