@@ -38,6 +38,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from stapo.config import build_config
+    from stapo.data.problem_sets import load_problem_sets
+    from stapo.data.prompts import render_prompts
     from stapo.distributed import LOCAL
     from stapo.objectives import TokenStats
     from stapo.objectives.training import build_objective, objective_from_config
@@ -66,7 +68,7 @@ def main() -> None:
     model, tok = setup.load_policy(cfg, device, None, log=lambda *a: print(*a, file=sys.stderr))
     model.train()
     optimizer, _ = setup.build_optimizer(model, cfg)
-    train_set, _ = setup.load_problem_sets(cfg)
+    train_set, _ = load_problem_sets(cfg)
     sampler = ProblemSampler(train_set, cfg.seed, cfg.data.shuffle)
     generator = training_generator(cfg, model, tok, LOCAL)
     current = objective_from_config(cfg)
@@ -77,7 +79,7 @@ def main() -> None:
     with RewardPool(**_reward_kwargs(cfg)) as pool:
         for _ in range(args.steps):
             problems = sampler.next(cfg.rollout.prompts_per_step)
-            batch = generate_rollouts(generator, tok, problems, setup.render_prompts(problems, tok, cfg), cfg.rollout)
+            batch = generate_rollouts(generator, tok, problems, render_prompts(problems, tok, cfg), cfg.rollout)
             score_rollouts(pool, batch)
             attach_advantages(batch, cfg.rollout.n, cfg.objective.advantage)
             compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size, device,

@@ -21,7 +21,7 @@ from stapo.config import ConfigError, TrainConfig, build_config, canonical_dtype
 from stapo.config.fields import field_bounds, is_statistic, options_of
 from stapo.config.keys import config_keys
 from stapo.config.schema import BOOLEAN_WORDS, TRUTH_VALUES, Aliases
-from stapo.eval.loading import resolve_dtype
+from stapo.models.loading import eval_dtype
 from stapo.objectives import OBJECTIVES, STAPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ ENUMS = list(enum_keys())
 
 def test_the_walk_finds_the_enum_keys():
     found = {key for key, _, _ in ENUMS}
-    assert {"model.dtype", "model.bf16_autocast", "data.use_chat_template", "rollout.backend",
+    assert {"model.dtype", "model.bf16_autocast", "data.use_chat_template",
             "objective.statistics", "parallel.strategy", "reuse.gate", "reuse.statistic"} <= found
 
 
@@ -114,13 +114,31 @@ def test_one_dtype_vocabulary_in_train_and_eval():
         assert build_config(None, [f"model.dtype={typed}"]).model.dtype == meant
         assert parser.parse_args(["eval", "--model", "m", "--dtype", typed]).dtype == meant
         assert canonical_dtype(typed) == meant
-    assert resolve_dtype("bf16", "cpu") is resolve_dtype("bfloat16", "cpu") is torch.bfloat16
-    assert resolve_dtype("fp32", "cpu") is torch.float32 and resolve_dtype("auto", "cpu") is torch.float32
+    assert eval_dtype("bf16", "cpu") is eval_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert eval_dtype("fp32", "cpu") is torch.float32 and eval_dtype("auto", "cpu") is torch.float32
     with pytest.raises(ConfigError, match=r"'model.dtype' must be one of .*got 'fp8' \(also accepted: bf16 for"):
         build_config(None, ["model.dtype=fp8"])
     with pytest.raises(SystemExit) as exit_:
         parser.parse_args(["eval", "--model", "m", "--dtype", "fp8"])
     assert exit_.value.code == 2
+
+
+def test_every_registered_rollout_backend_is_accepted_by_train_and_eval(capsys):
+    from stapo.eval.settings import EvalSettings
+    from stapo.rollout import backends
+
+    backends.register_backend(dataclasses.replace(backends.get_backend("hf"), name="hf_twin"))
+    try:
+        assert build_config(None, ["rollout.backend=hf_twin"]).rollout.backend == "hf_twin"
+        assert EvalSettings(backend="hf_twin").backend == "hf_twin"
+        assert next(k for k in config_keys() if k.key == "rollout.backend").allowed == "hf, vllm, hf_twin"
+    finally:
+        del backends._BACKENDS["hf_twin"]
+    with pytest.raises(ConfigError, match=r"'rollout.backend' must be one of 'hf', 'vllm'; got 'hf_twin'"):
+        build_config(None, ["rollout.backend=hf_twin"])
+    assert main(["eval", "--model", "m", "--backend", "nope", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "stapo eval: error: --backend: unknown rollout backend 'nope'; choose one of 'hf', 'vllm'"
 
 
 @pytest.mark.parametrize("command", [["train"], ["eval", "--model", "m"], ["analyze", "RUN"]])

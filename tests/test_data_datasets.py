@@ -11,7 +11,7 @@ import pytest
 
 from stapo.config import build_config
 from stapo.data import DataError, Problem, load_problems, write_verl_parquet
-from stapo.trainer import setup
+from stapo.data.problem_sets import load_problem_sets
 
 ROWS = [
     {"q": "What is 2+3?", "a": 5.0, "info": {"level": 1, "gold": "5"}, "uid": "x0"},
@@ -84,7 +84,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 def test_train_config_reads_a_dataset_folder(saved_dict):
     cfg = build_config(None, [f"data.train=hf:{saved_dict}:train", "data.problem_field=q",
                               "data.answer_field=a", "data.heldout_size=4"])  # fmt: skip
-    train, heldout = setup.load_problem_sets(cfg)
+    train, heldout = load_problem_sets(cfg)
     assert [p.answer for p in train] == ["5", "2", "42"] and len(heldout) == 4
 
 

@@ -212,7 +212,8 @@ def test_demo_words_config_update_silences_tokens_over_its_whole_mini_batch(smal
 
 def test_trainer_resolves_the_task_names(tmp_path):
     from stapo.config.train import build_config
-    from stapo.trainer.setup import base_model_path, load_problem_sets
+    from stapo.data.problem_sets import load_problem_sets
+    from stapo.trainer.setup import base_model_path
 
     cfg = build_config("configs/demo_words.yaml", ["data.heldout_size=8", f"output_dir={tmp_path}"])
     train, heldout = load_problem_sets(cfg)

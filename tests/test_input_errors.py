@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from stapo.config import build_config
 from stapo.data import load_json
 from stapo.data.records import DataError
 from stapo.errors import UserError
 from stapo.models.hub import hub_unreachable, resolve_model_source
-from stapo.trainer.setup import load_tokenizer
+from stapo.models.loading import load_tokenizer
 from test_reliability import ENV, one_line_error, stapo, tiny_args
 
 NO_SUCH_HUB_ID = "stapo-tests/no-such-model"
@@ -107,7 +106,7 @@ def test_bad_input_is_one_line_exit_2_and_no_run_folder(case, tiny_model_dir, tm
 def test_tokenizer_without_a_pad_token_pads_with_eos(tiny_model_dir, tmp_path):
     path = model_copy(tiny_model_dir, tmp_path)
     edit_json(path / "tokenizer_config.json", pad_token=None)
-    tokenizer = load_tokenizer(build_config(None, [f"model.name_or_path={path}"]), str(path))
+    tokenizer = load_tokenizer(str(path))
     assert tokenizer.pad_token == tokenizer.eos_token == "<eos>"  # as TRL does
 
 

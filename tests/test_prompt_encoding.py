@@ -8,11 +8,10 @@ import torch
 
 from stapo.config import build_config
 from stapo.data.problem import Problem
-from stapo.data.prompts import tokenize_prompt
+from stapo.data.prompts import render_prompts, tokenize_prompt
 from stapo.eval.harness import encode_prompt as eval_encode_prompt
 from stapo.eval.settings import EvalSettings
 from stapo.rollout import Generation, HFGenerator
-from stapo.trainer import setup
 from stapo.trainer.heldout import heldout_accuracy
 from stapo.trainer.phases import generate_rollouts
 
@@ -52,8 +51,8 @@ def test_training_heldout_and_eval_feed_identical_prompt_ids(tiny_model_dir, cha
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tok = _bos_adding(AutoTokenizer.from_pretrained(tiny_model_dir), chat)
     cfg = build_config(None, ["rollout.n=1", "rollout.max_new_tokens=2", "data.template=none"])
-    # training: render (trainer.setup) -> encode and generate (phases.generate_rollouts)
-    texts = setup.render_prompts(PROBLEMS, tok, cfg)
+    # training: render (data.prompts) -> encode and generate (phases.generate_rollouts)
+    texts = render_prompts(PROBLEMS, tok, cfg)
     gen = RecordingGenerator(model, tok)
     batch = generate_rollouts(gen, tok, PROBLEMS, texts, cfg.rollout)
     train_ids = gen.seen

@@ -115,6 +115,10 @@ def _registry_names(key: str) -> str:
         from ..advantages import ADVANTAGES
 
         return ", ".join(ADVANTAGES)
+    if key == "rollout.backend":
+        from ..rollout.backends import BACKENDS
+
+        return ", ".join(BACKENDS)
     if key == "objective.options":
         return "the options of objective.name (below)"
     return ""

@@ -53,7 +53,7 @@ class DataConfig:
 
 @dataclasses.dataclass
 class RolloutConfig:
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: str = "hf"  # a registered rollout backend (stapo.rollout.BACKENDS): hf, vllm
     prompts_per_step: int = option(256, ge=1)  # P
     n: int = option(8, ge=1)  # G samples per prompt
     temperature: float = option(1.0, gt=0)
@@ -216,6 +216,11 @@ def _validate(cfg: TrainConfig) -> None:
             f"config key 'objective.name' must be one of {', '.join(OBJECTIVES)}; got {cfg.objective.name!r}"
         )
     check_fields(cfg)  # every key's type and declared range, before anything divides by one
+    from ..rollout.backends import BACKENDS
+
+    if cfg.rollout.backend not in BACKENDS:
+        raise ConfigError(f"config key 'rollout.backend' must be one of {', '.join(map(repr, BACKENDS))}; "
+                          f"got {cfg.rollout.backend!r}")
     betas = cfg.optim.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1); got {betas!r}")

@@ -92,6 +92,12 @@ def chat_mode(setting: str) -> bool | str:
         raise ValueError(f"chat template setting must be one of {', '.join(CHAT_MODES)}, got {setting!r}") from None
 
 
+def render_prompts(problems: list, tokenizer: Any, cfg) -> list[str]:
+    """The prompt text of each problem under a ``TrainConfig``'s ``data.template`` and ``data.use_chat_template``."""
+    chat = chat_mode(cfg.data.use_chat_template)
+    return [build_prompt(p, tokenizer, template=cfg.data.template, use_chat_template=chat) for p in problems]
+
+
 def tokenize_prompt(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a rendered prompt: the one encoding of training, held-out and ``stapo eval``
     prompts, the teacher's privileged prompt and the demo's.

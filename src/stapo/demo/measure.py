@@ -18,8 +18,8 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..models.loading import load_causal_lm, load_tokenizer
 from ..rollout import HFGenerator, SamplingConfig
 from .assets import INFO_FILE, BaseModelSettings, build_base_model
 from .evaluate import evaluate
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             args.cache_dir, task=args.task, seed=seed, log=lambda m: print(m, file=sys.stderr), **overrides
         )
         info = json.loads((path / INFO_FILE).read_text())
-        model = AutoModelForCausalLM.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = load_causal_lm(str(path))
+        tokenizer = load_tokenizer(str(path))
         gen = HFGenerator(model, tokenizer, batch_size=128)
         t0, c0 = time.perf_counter(), time.process_time()
         sampled = evaluate(

@@ -164,8 +164,7 @@ def measure_regime(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from ..models.loading import load_causal_lm, load_tokenizer
     from .assets import build_base_model
     from .tasks import TASKS
 
@@ -196,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     task = TASKS[args.task]
     path = args.model or build_base_model(args.cache_dir, task=args.task, seed=args.seed,
                                           log=lambda m: print(m, file=sys.stderr))
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_causal_lm(str(path), key="--model").eval()
+    tokenizer = load_tokenizer(str(path), key="--model")
     problems = task.make_problems(args.prompts, args.eval_seed, "heldout")
     report = measure_regime(model, tokenizer, problems, samples=args.samples, temperature=args.temperature,
                             prob_threshold=args.prob_threshold, entropy_quantile=args.entropy_quantile,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import task, words
@@ -38,3 +39,23 @@ def get_task(name: str) -> DemoTask:
     if name not in TASKS:
         raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {name!r}")
     return TASKS[name]
+
+
+def build_model(name: str, cache_dir, *, seed: int, log=print) -> Path:
+    """Task ``name``'s base model under ``cache_dir`` (built once, then reused)."""
+    from .assets import build_base_model
+
+    return build_base_model(cache_dir, task=name, seed=seed, log=log)
+
+
+def _register() -> None:
+    """Put the tasks in ``stapo.tasks``, where the trainer looks names up."""
+    import functools
+
+    from ..tasks import BuiltinTask, register_task
+
+    for t in TASKS.values():
+        register_task(BuiltinTask(t.name, t.make_problems, functools.partial(build_model, t.name)))
+
+
+_register()

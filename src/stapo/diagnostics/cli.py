@@ -58,7 +58,7 @@ def find_model_dir(run_dir: Path) -> Path:
 
 def load_model(model_dir: Path):
     """(model, tokenizer) of a model folder; a LoRA adapter is loaded on its base and merged into it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..models.loading import load_causal_lm, load_tokenizer
 
     if (model_dir / ADAPTER).exists():
         from peft import AutoPeftModelForCausalLM
@@ -72,9 +72,9 @@ def load_model(model_dir: Path):
             raise FileNotFoundError(f"--theory-check: {model_dir} is a LoRA adapter whose base model {base!r} "
                                     f"cannot be loaded ({_first_line(err)})") from None
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = load_causal_lm(str(model_dir), key="--model")
     # peft froze the base: the whole-model check differentiates every parameter of the merged model
-    return model.requires_grad_(True).eval(), AutoTokenizer.from_pretrained(model_dir)
+    return model.requires_grad_(True).eval(), load_tokenizer(str(model_dir), key="--model")
 
 
 def _first_line(err: BaseException) -> str:

@@ -107,7 +107,7 @@ def evaluate_checkpoints(
                 problems_by_benchmark
             ) and recorded == dtype_run:
                 continue
-        model, tok, gen = load_for_eval(str(policy), settings.backend, dtype, device, settings.batch_size)
+        model, tok, gen = load_for_eval(str(policy), settings, dtype, device)
         evaluate(
             model,
             tok,

@@ -8,7 +8,6 @@ stapo eval --compare DIR_A DIR_B ...                                  # side-by-
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import shutil
 from pathlib import Path
@@ -71,8 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         default="hf",
-        choices=["hf", "vllm"],
-        help="generation backend (default: hf); vllm needs `pip install 'stapo[vllm]'`",
+        help="generation backend, one of the registered rollout backends (default: hf); "
+        "vllm needs `pip install 'stapo[vllm]'`",
     )
     p.add_argument(
         "--dtype",
@@ -165,10 +164,10 @@ def _run(args) -> int:
         print(table1([load_results(d) for d in args.compare]))
         return 0
     settings = settings_from_args(args)
-    if settings.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        from ..rollout.vllm import INSTALL_HINT
+    from ..rollout.backends import missing_requirement
 
-        raise UserError(f"--backend vllm: {INSTALL_HINT}")  # before loading anything
+    if (hint := missing_requirement(settings.backend)) is not None:
+        raise UserError(f"--backend {settings.backend}: {hint}")  # before loading anything
     problems = load_problems(settings.benchmarks, args.data_dir, settings.limit)
     progress = not args.quiet
     if args.run:
@@ -187,10 +186,12 @@ def _run(args) -> int:
         print(f"\nper-step results under {Path(args.run) / 'eval'}; plot: accuracy_vs_step.png")
         return 0
 
+    from ..models.hub import resolve_model_source
     from .harness import CONFIG, check_config, config_record, evaluate, out_lock
     from .loading import check_not_run_dir, dtype_name, load_for_eval
 
     check_not_run_dir(args.model)
+    source = resolve_model_source(args.model, "--model")  # offline: the cached copy, or one line within seconds
     out = Path(args.out) if args.out else _default_out(args.model)
     dtype = dtype_name(args.dtype, args.device, settings.backend)
     # refused before the model loads: a folder another eval writes, or one of other settings
@@ -204,10 +205,8 @@ def _run(args) -> int:
     with out_lock(out):
         try:
             reporter.phase(f"loading {args.model} ({dtype}, {settings.backend})")
-            model, tok, generator = load_for_eval(
-                args.model, settings.backend, args.dtype, args.device, settings.batch_size
-            )
-        except ValueError:
+            model, tok, generator = load_for_eval(source, settings, args.dtype, args.device)
+        except (ValueError, UserError):
             if created:  # a model that does not load leaves no output folder behind
                 shutil.rmtree(out, ignore_errors=True)
             raise

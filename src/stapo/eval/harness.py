@@ -57,6 +57,7 @@ def run_chunk(
     chunk: Chunk, problems: list, prompts: dict, generator, pool, settings: EvalSettings
 ) -> list[dict]:
     """Generate and verify one chunk; returns its records in (problem, sample) order."""
+    from ..rewards.correct import is_correct
     from ..rewards.math_reward import final_answer, gold_parts
 
     sampling = settings.sampling(chunk.benchmark, chunk.index)
@@ -78,7 +79,7 @@ def run_chunk(
             # the answer the math reward judged (a k-part gold also takes the last k boxes)
             "answer": final_answer(g.text, len(gold_parts(problems[i].answer)), strict=settings.strict),
             "gold": problems[i].answer,
-            "correct": bool(r > 0.5),  # the math reward is 1.0 or 0.0
+            "correct": is_correct(r),
             "num_tokens": len(g.response_ids),
             "finish_reason": g.finish_reason,
         }

@@ -36,7 +36,7 @@ class EvalSettings:
     limit: int | None = None  # first K problems of each benchmark
     seed: int = 0
     batch_size: int = 64  # (problem x sample) rows per generate call
-    backend: str = "hf"  # "hf" | "vllm"
+    backend: str = "hf"  # a registered rollout backend: "hf" | "vllm"
     reward_workers: int = 2
     reward_timeout: float = 2.0  # seconds per verification before it scores 0
     strict: bool = False  # require a \boxed{} answer (see stapo.rewards)
@@ -48,6 +48,12 @@ class EvalSettings:
             )
         if not self.benchmarks:
             raise ValueError("eval.benchmarks: empty list")
+        from ..rollout.backends import get_backend
+
+        try:
+            get_backend(self.backend)
+        except ValueError as err:
+            raise ValueError(f"--backend: {err}") from None
         for name, n in self.samples.items():
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"eval.samples[{name!r}]: need a positive integer, got {n!r}")

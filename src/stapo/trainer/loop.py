@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
+from ..data.problem_sets import load_problem_sets, shard
+from ..data.prompts import render_prompts
 from ..distill import compute_teacher_logprobs
 from ..distributed import (
     all_reduce_sum,
@@ -25,6 +27,7 @@ from ..distributed import (
     unwrap,
     wrap_model,
 )
+from ..models import loading
 from ..objectives.training import objective_from_config
 from ..reuse import make_gate
 from ..rewards.pool import METRIC_KEYS
@@ -64,9 +67,9 @@ class TrainingStopped(RuntimeError):
 
 def train(cfg: TrainConfig, resume: str | Path | None = None, quiet: bool = False) -> Path:
     """Run (or resume) training; returns the run directory. Under torchrun every rank calls this."""
-    device = setup.resolve_device(cfg.device)
+    device = loading.resolve_device(cfg.device)
     ctx = init_distributed(cfg.parallel.strategy, device.type)
-    device = setup.rank_device(device, ctx)
+    device = loading.rank_device(device, ctx)
     try:
         # the run directory's lock is held until the run ends; third-party progress bars (transformers'
         # shard writer, datasets) would break into the progress output
@@ -81,7 +84,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
     # --- inputs, checked before the model loads: data, the run directory (locked), prompt lengths ---
     if not resume:
         rundir.check_new_run(cfg)  # run_name, output_dir: before the data is read
-    train_set, heldout = setup.load_problem_sets(cfg)
+    train_set, heldout = load_problem_sets(cfg)
     run_dir, ckpt = held.enter_context(rundir.resume_run(resume, cfg, ctx)) if resume else (None, None)
     setup.check_prompt_lengths(cfg, train_set, heldout, ckpt)
     setup.check_dtype(cfg, device, ckpt)
@@ -113,9 +116,9 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
         sampler.load_state_dict(state.pop("sampler"))
         if gate is not None:
             gate.load_state_dict(state.pop("reuse_gate", None))  # the z-score window, for exact resume
-    heldout = setup.shard(heldout, ctx) if heldout else None
-    heldout_prompts = setup.render_prompts(heldout, tokenizer, cfg) if heldout else None
-    autocast = setup.autocast_context(cfg, device)
+    heldout = shard(heldout, ctx) if heldout else None
+    heldout_prompts = render_prompts(heldout, tokenizer, cfg) if heldout else None
+    autocast = loading.autocast_context(cfg, device)
     diagnostics = StepDiagnostics(cfg, vocab_size, ctx)
 
     def evaluate() -> dict[str, float]:
@@ -142,9 +145,9 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                 step += 1
                 t0 = time.perf_counter()
                 # 1-2. sample P prompts (this rank's share) and generate G responses each
-                problems = setup.shard(sampler.next(P), ctx)
+                problems = shard(sampler.next(P), ctx)
                 batch = generate_rollouts(generator, tokenizer, problems,
-                                          setup.render_prompts(problems, tokenizer, cfg), cfg.rollout)
+                                          render_prompts(problems, tokenizer, cfg), cfg.rollout)
                 t1 = time.perf_counter()
                 # 3. verifiable rewards, scored in the worker pool under hard time limits
                 metrics = score_rollouts(pool, batch)
@@ -351,8 +354,8 @@ def _refill(batch, metrics, pool, sampler, generator, tokenizer, cfg, ctx):
     # every rank takes part in every round, so collective calls stay matched
     while rounds < cfg.rollout.max_refill_rounds and all_reduce_sum(float(len(kept) < share)) > 0:
         rounds += 1
-        problems = setup.shard(sampler.next(P), ctx)
-        extra = generate_rollouts(generator, tokenizer, problems, setup.render_prompts(problems, tokenizer, cfg),
+        problems = shard(sampler.next(P), ctx)
+        extra = generate_rollouts(generator, tokenizer, problems, render_prompts(problems, tokenizer, cfg),
                                   cfg.rollout)
         counts = score_rollouts(pool, extra)
         metrics.update({k: metrics[k] + counts[k] for k in METRIC_KEYS})  # the pool's counters, summed
