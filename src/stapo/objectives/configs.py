@@ -65,3 +65,44 @@ class STAPOConfig(JustRLConfig):
     prob_threshold: float = option(0.002, ge=0, le=1)  # τ_p (0: no candidates, exactly justrl)
     entropy_quantile: float = option(0.75, ge=0, le=1)  # q
     entropy_threshold: float | None = statistic()  # τ_h from the whole mini-batch; None = this batch's own
+
+
+SELECTION_SCOPES = ("minibatch", "microbatch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipCovConfig(ClipConfig):
+    # "The Entropy Mechanism of RL for Reasoning LMs" (arXiv 2505.22617) as verl 0.9.1 ships it
+    # (PolicyLossConfig / compute_policy_loss_clip_cov): clip ε 0.2 both sides (verl's clip_ratio),
+    # token-mean (verl's actor default), no dual clip (verl's clip_cov has none)
+    clip_cov_ratio: float = option(2e-4, gt=0, le=1)  # verl PolicyLossConfig.clip_cov_ratio, the paper's r
+    clip_cov_lb: float = option(1.0)  # verl PolicyLossConfig.clip_cov_lb: covariance lower bound ω_low
+    clip_cov_ub: float = option(5.0)  # verl PolicyLossConfig.clip_cov_ub: covariance upper bound ω_high
+    # minibatch: covariance means, candidates and count over the whole optimizer mini-batch (all
+    # micro-batches and ranks); microbatch: per micro-batch, as verl
+    selection_scope: str = option("minibatch", choices=SELECTION_SCOPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class KLCovConfig(ClipConfig):
+    # same paper and verl function (compute_policy_loss_kl_cov): the surrogate −A·ρ is not clipped
+    # there, so clip_low / clip_high / clip_ratio_c are unused
+    kl_cov_ratio: float = option(2e-4, gt=0, le=1)  # verl PolicyLossConfig.kl_cov_ratio, the paper's k
+    ppo_kl_coef: float = option(0.1, ge=0)  # verl PolicyLossConfig.ppo_kl_coef, the paper's β
+    selection_scope: str = option("minibatch", choices=SELECTION_SCOPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class GSPOConfig(ClipConfig):
+    clip_low: float = 3e-4  # GSPO (arXiv 2507.18071) Sec. 5.1: left clipping range 3e-4
+    clip_high: float = 4e-4  # ... right clipping range 4e-4
+    loss_agg_mode: str = "seq-mean-token-mean"  # GSPO Eq. 5: 1/G Σ_i over sequences (verl's GSPO default)
+
+
+@dataclasses.dataclass(frozen=True)
+class CISPOConfig(ClipConfig):
+    # MiniMax-M1 (arXiv 2506.13585) Sec. 3.1: no lower bound on the IS weight (ε_low large): 1 − 1 = 0
+    clip_low: float = option(1.0, ge=0)
+    # ε_max = 1 + clip_high = 5: ScaleRL (arXiv 2510.13786), the value TRL 1.16 recommends for cispo
+    clip_high: float = 4.0
+    loss_agg_mode: str = "token-mean"  # MiniMax-M1 Eq. 3: 1 / Σ_i |o_i|
