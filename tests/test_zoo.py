@@ -174,3 +174,36 @@ def test_two_gloo_ranks_select_as_one_process(tmp_path):
     assert ranks[0]["candidates"] + ranks[1]["candidates"] == one["candidates"]
     assert ranks[0]["detached_count"] + ranks[1]["detached_count"] == one["detached_count"] > 1
     assert ranks[0]["denominator"] == ranks[1]["denominator"] == one["denominator"]
+
+
+# --- one real train step each ------------------------------------------------------------------------
+
+TRAIN_CASES = {
+    # every valid token a candidate (wide bounds): half of each mini-batch's tokens detached
+    "clip_cov": "{clip_cov_ratio: 0.5, clip_cov_lb: -1.0e9, clip_cov_ub: 1.0e9}",
+    "kl_cov": "{kl_cov_ratio: 0.25}",
+    "gspo": "{}",
+    "cispo": "{}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_CASES))
+def test_one_train_step(name, tiny_model_dir, tmp_path):
+    import test_trainer  # the cheap config of the trainer tests (a module, so its tests are not collected here)
+
+    from stapo.trainer.loop import train
+
+    # two sweeps: the second sees ratios the first step moved (GSPO's clip, CISPO's weight)
+    cfg = test_trainer.tiny_cfg(tiny_model_dir, tmp_path, f"objective.name={name}", "steps=1", "optim.ppo_epochs=2",
+                                f"objective.options={TRAIN_CASES[name]}")
+    step = test_trainer.rows(train(cfg, quiet=True))[-1]
+    assert step["train/optimizer_steps"] == 4 and step["actor/grad_norm"] > 0
+    if name == "clip_cov":  # ⌊N/2⌋ of each mini-batch's N tokens: about half of each micro-batch's
+        assert 0.3 < step["clip_cov/detached_fraction"] < 0.7
+    if name == "kl_cov":
+        # k·N of the mini-batch with a learning signal; none where every advantage is 0 (Cov ties at 0)
+        assert step["kl_cov/penalised"] > 0 and 0 < step["kl_cov/penalised_fraction"] < 0.5
+    if name == "gspo":  # in the second sweep sequence ratios leave GSPO's 3e-4 / 4e-4 range
+        assert step["actor/clip_frac_high"] + step["actor/clip_frac_low"] > 0
+    if name == "cispo":  # ρ moved (approx_kl > 0) but stays far below the weight's cap of 5
+        assert step["actor/approx_kl"] > 0 and step["actor/clip_frac_high"] == 0

@@ -317,16 +317,19 @@ def _clip_cov_choose(cfg: ClipCovConfig, stats, gather):
 
 
 def _kl_cov_choose(cfg: KLCovConfig, stats, gather):
-    """Penalised tokens: the top ``max(⌊k·N⌋, 1)`` valid tokens by Cov over the whole scope (a cut
-    on the gathered values, so a tie at the cut is penalised on every split; verl's topk picks one)."""
+    """Penalised tokens: the top ``max(⌊k·N⌋, 1)`` valid tokens by Cov over the whole scope: a cut on
+    the gathered values, so the same tokens on every split (verl's topk breaks a tie by position)."""
     covs, n = _covariances(stats, gather)
     valid = [s.response_mask.bool() for s in stats]
     if n == 0:
         return valid
     local = torch.cat([c[v].cpu() for c, v in zip(covs, valid)])
     every = local if gather is None else gather(local)
-    cut = every.topk(max(int(n * cfg.kl_cov_ratio), 1)).values[-1]
-    return [v & (c >= cut.to(c.device)) for c, v in zip(covs, valid)]
+    k = max(int(n * cfg.kl_cov_ratio), 1)
+    cut = every.topk(k).values[-1]
+    # a tie straddling the cut is left out (all-zero advantages: Cov = 0 everywhere, nothing penalised)
+    above = (lambda c: c >= cut.to(c.device)) if int((every >= cut).sum()) <= k else (lambda c: c > cut.to(c.device))
+    return [v & above(c) for c, v in zip(covs, valid)]
 
 
 def _scoped(choose):
