@@ -100,6 +100,9 @@ def objective_line(cfg) -> str:
     settings = spec.config(**cfg.objective.options)
     opts = {key: getattr(settings, key) for key in options_of(spec.config_cls)}
     parts = []
+    if not getattr(settings, "clipped", True):  # KL-Cov: the clip options are unused
+        opts = {key: value for key, value in opts.items() if key not in ("clip_low", "clip_high", "clip_ratio_c")}
+        parts.append("no clip")
     if "clip_low" in opts and "clip_high" in opts:
         parts.append(f"clip {_show(opts.pop('clip_low'))}/{_show(opts.pop('clip_high'))}")
     if "clip_ratio_c" in opts:

@@ -87,7 +87,7 @@ class ObjectiveConfig:
     # loads a frozen reference copy of the initial policy for the KL term
     # (checked by that dataclass; the built config holds all of them, resolved)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # where S2T / 20-Entropy take their mask statistics on mini-batches after the first: "current"
+    # where S2T / 20-Entropy / Clip-Cov / KL-Cov take their mask statistics after the first mini-batch: "current"
     # (the paper: a no-grad pass of the current policy) or "rollout" (the rollout policy's, no pass)
     statistics: Literal["current", "rollout"] = "current"
 

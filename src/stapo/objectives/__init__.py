@@ -4,12 +4,16 @@ from . import dasd as _dasd  # noqa: F401  (registers dasd, opsd, dasd_reverse)
 from . import losses as _losses  # noqa: F401  (registers the built-in objectives)
 from .aggregate import AGG_MODES, agg_loss, count_units
 from .configs import (
+    CISPOConfig,
     ClipConfig,
+    ClipCovConfig,
     DAPOConfig,
     DrGRPOConfig,
     Entropy20Config,
     GRPOConfig,
+    GSPOConfig,
     JustRLConfig,
+    KLCovConfig,
     STAPOConfig,
 )
 from .corrections import apply_tis, rollout_mismatch, tis_weights
@@ -38,6 +42,8 @@ from .training import STATISTICS, TrainingObjective, build_objective, objective_
 
 __all__ = [
     "AGG_MODES",
+    "CISPOConfig",
+    "ClipCovConfig",
     "OBJECTIVES",
     "STATISTICS",
     "ClipConfig",
@@ -46,7 +52,9 @@ __all__ = [
     "DrGRPOConfig",
     "Entropy20Config",
     "GRPOConfig",
+    "GSPOConfig",
     "JustRLConfig",
+    "KLCovConfig",
     "MinibatchPlan",
     "Objective",
     "STAPOConfig",

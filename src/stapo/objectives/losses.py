@@ -12,16 +12,22 @@ Clipped surrogate (PPO; clip-higher from DAPO; dual clip from Ye et al. 2020, as
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .aggregate import agg_loss
 from .configs import (
+    CISPOConfig,
     ClipConfig,
+    ClipCovConfig,
     DAPOConfig,
     DrGRPOConfig,
     Entropy20Config,
     GRPOConfig,
+    GSPOConfig,
     JustRLConfig,
+    KLCovConfig,
     STAPOConfig,
 )
 from .masks import (
@@ -33,7 +39,7 @@ from .masks import (
     s2t_silence,
     s2t_threshold,
 )
-from .registry import register_objective
+from .registry import TokenStats, register_objective
 
 LOG_RATIO_CLAMP = 20.0  # keeps exp() finite for stale tokens (verl clamps the same way)
 
@@ -42,6 +48,12 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, cfg: ClipConfig):
     """Per-token clipped loss [B, T] and the boolean maps of where each clip binds."""
     adv = expand_advantages(advantages, logprobs).to(logprobs.dtype)
     log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    loss, clips = clipped_ratio_loss(log_ratio, adv, cfg)
+    return loss, clips, log_ratio
+
+
+def clipped_ratio_loss(log_ratio, adv, cfg: ClipConfig):
+    """The clipped loss [B, T] of a (token- or sequence-level) log-ratio, and where each clip binds."""
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
@@ -53,7 +65,7 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, cfg: ClipConfig):
         dual_bound = -adv * cfg.clip_ratio_c
         dual = (adv < 0) & (loss > dual_bound)
         loss = torch.where(adv < 0, torch.minimum(loss, dual_bound), loss)
-    return loss, {"high": clip_high, "low": clip_low, "dual": dual}, log_ratio
+    return loss, {"high": clip_high, "low": clip_low, "dual": dual}
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -63,8 +75,12 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _clip_objective(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy, ref_logprobs,
-                    denominator, loss_mask=None):
-    """Shared body: clipped surrogate (+ optional k3 KL), reduced over ``loss_mask``."""
+                    denominator, loss_mask=None, surrogate=None):
+    """Shared body: clipped surrogate (+ optional k3 KL), reduced over ``loss_mask``.
+
+    ``surrogate(logprobs, old_logprobs, advantages, cfg, valid) -> (loss [B, T], clips, log_ratio)``
+    replaces the token-level clipped surrogate (GSPO, CISPO, the covariance objectives).
+    """
     valid = response_mask.bool()
     loss_mask = valid if loss_mask is None else loss_mask
     # Padded positions may hold garbage (-inf, NaN) in any input. Masking only the output is not
@@ -76,7 +92,10 @@ def _clip_objective(cfg, logprobs, old_logprobs, advantages, response_mask, *, e
     advantages = torch.where(valid, expand_advantages(advantages, logprobs).to(logprobs.dtype), zero)
     if ref_logprobs is not None:
         ref_logprobs = torch.where(valid, ref_logprobs, zero)
-    pg, clips, log_ratio = clipped_surrogate(logprobs, old_logprobs, advantages, cfg)
+    if surrogate is None:
+        pg, clips, log_ratio = clipped_surrogate(logprobs, old_logprobs, advantages, cfg)
+    else:
+        pg, clips, log_ratio = surrogate(logprobs, old_logprobs, advantages, cfg, valid)
     metrics = {f"actor/clip_frac_{k}": _masked_mean(v, valid) for k, v in clips.items()}
     # k3 estimator of KL(old || current) on the sampled tokens
     metrics["actor/approx_kl"] = _masked_mean(torch.expm1(-log_ratio) + log_ratio, valid)
@@ -204,4 +223,177 @@ def stapo(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy, ke
     metrics["s2t/candidates"] = cand.sum().detach().float()
     metrics["s2t/silenced"] = silenced.sum().detach().float()
     metrics["s2t/entropy_threshold"] = torch.tensor(tau if tau != float("-inf") else float("nan"))
+    return loss, metrics
+
+
+# --- GSPO and CISPO: other importance ratios, no token selection ---------------------------------
+
+def _gspo_surrogate(logprobs, old_logprobs, advantages, cfg, valid):
+    """GSPO Eq. 7: s_i = exp(mean_t log ρ_i,t) per sequence; each token carries sg[s_i]·π/sg[π],
+    so the value is s_i and the gradient flows through its own log-prob (verl's form)."""
+    adv = expand_advantages(advantages, logprobs).to(logprobs.dtype)
+    token_log_ratio = logprobs - old_logprobs  # 0 at padding (the caller zeroed both there)
+    seq_log_ratio = token_log_ratio.sum(dim=-1) / valid.sum(dim=-1).clamp(min=1)  # [B]
+    log_s = (logprobs - logprobs.detach() + seq_log_ratio.detach().unsqueeze(-1))
+    loss, clips = clipped_ratio_loss(log_s.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), adv, cfg)
+    return loss, clips, token_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+@register_objective("gspo", GSPOConfig)
+def gspo(cfg, logprobs, old_logprobs, advantages, response_mask, **kw):
+    """GSPO (arXiv 2507.18071): the clipped surrogate of the length-normalised sequence ratio."""
+    return _clip_objective(cfg, logprobs, old_logprobs, advantages, response_mask, surrogate=_gspo_surrogate, **kw)
+
+
+def _cispo_surrogate(logprobs, old_logprobs, advantages, cfg, valid):
+    """CISPO: −sg(clip(ρ, 1 − ε_low, 1 + ε_high))·A·log π: the weight is clipped, no token's gradient is dropped."""
+    adv = expand_advantages(advantages, logprobs).to(logprobs.dtype)
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    weight = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high).detach()
+    clips = {"high": ratio > 1.0 + cfg.clip_high, "low": ratio < 1.0 - cfg.clip_low, "dual": torch.zeros_like(valid)}
+    return -weight * adv * logprobs, clips, log_ratio
+
+
+@register_objective("cispo", CISPOConfig)
+def cispo(cfg, logprobs, old_logprobs, advantages, response_mask, **kw):
+    """CISPO (MiniMax-M1, arXiv 2506.13585): REINFORCE with a clipped, stop-gradient IS weight."""
+    return _clip_objective(cfg, logprobs, old_logprobs, advantages, response_mask, surrogate=_cispo_surrogate, **kw)
+
+
+# --- Clip-Cov and KL-Cov: tokens chosen by Cov(log π, A), over the whole mini-batch ---------------
+# Cov_t = (A_t − mean A)·(log π_t − mean log π), the means over the valid tokens of the selection
+# scope (the optimizer mini-batch, or one micro-batch as verl), in float64, detached.
+
+def _valid_values(stats, gather):
+    """Every valid token's (A, log π) over the micro-batches and ranks, 1-D float64, in batch order."""
+    adv = [expand_advantages(s.advantages, s.logprobs).detach().double()[s.response_mask.bool()] for s in stats]
+    logp = [s.logprobs.detach().double()[s.response_mask.bool()] for s in stats]
+    adv, logp = torch.cat(adv), torch.cat(logp)
+    return (adv, logp) if gather is None else (gather(adv), gather(logp))
+
+
+def _covariances(stats, gather):
+    """(each micro-batch's Cov [B, T] float64, the number of valid tokens in the scope)."""
+    adv, logp = _valid_values(stats, gather)
+    n = adv.numel()
+    mean_a, mean_l = (adv.mean(), logp.mean()) if n else (0.0, 0.0)
+    covs = [(expand_advantages(s.advantages, s.logprobs).detach().double().to(s.logprobs.device) - mean_a)
+            * (s.logprobs.detach().double() - mean_l) for s in stats]
+    return covs, n
+
+
+def _clip_binds(s: TokenStats, cfg):
+    """Where the PPO clip already zeroes the gradient (verl's ``clip_by_origin``); ρ = 1 without old log-probs."""
+    if s.old_logprobs is None:
+        return torch.zeros_like(s.response_mask, dtype=torch.bool)
+    adv = expand_advantages(s.advantages, s.logprobs).detach()
+    ratio = torch.exp(s.logprobs.detach() - s.old_logprobs.detach())
+    return (-adv * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)) > (-adv * ratio)
+
+
+def _clip_cov_choose(cfg: ClipCovConfig, stats, gather):
+    """Keep masks: valid tokens minus a uniformly random ``max(⌊r·N⌋, 1)`` of the candidates
+    (clip not binding, ω_low < Cov < ω_high) of the whole scope.
+
+    The choice draws one uniform priority per candidate from torch's default generator (seeded per
+    rank by the run, saved in its checkpoints, so a resumed run draws the same) and detaches the
+    candidates whose priority is among the lowest count over all ranks (gathered, as the S2T τ_h).
+    """
+    covs, n = _covariances(stats, gather)
+    cands = [s.response_mask.bool() & ~_clip_binds(s, cfg) & (c > cfg.clip_cov_lb) & (c < cfg.clip_cov_ub)
+             for s, c in zip(stats, covs)]
+    count = max(int(cfg.clip_cov_ratio * n), 1)
+    local = torch.rand(int(sum(int(c.sum()) for c in cands)), dtype=torch.float64)
+    every = local if gather is None else gather(local)
+    chosen = local <= every.kthvalue(count).values if every.numel() > count else torch.ones_like(local, dtype=torch.bool)
+    keeps, start = [], 0
+    for s, c in zip(stats, cands):
+        detached = torch.zeros_like(c)
+        detached[c] = chosen[start:start + int(c.sum())].to(c.device)
+        start += int(c.sum())
+        keeps.append(s.response_mask.bool() & ~detached)
+    return keeps
+
+
+def _kl_cov_choose(cfg: KLCovConfig, stats, gather):
+    """Penalised tokens: the top ``max(⌊k·N⌋, 1)`` valid tokens by Cov over the whole scope: a cut on
+    the gathered values, so the same tokens on every split (verl's topk breaks a tie by position)."""
+    covs, n = _covariances(stats, gather)
+    valid = [s.response_mask.bool() for s in stats]
+    if n == 0:
+        return valid
+    local = torch.cat([c[v].cpu() for c, v in zip(covs, valid)])
+    every = local if gather is None else gather(local)
+    k = max(int(n * cfg.kl_cov_ratio), 1)
+    cut = every.topk(k).values[-1]
+    # a tie straddling the cut is left out (all-zero advantages: Cov = 0 everywhere, nothing penalised)
+    above = (lambda c: c >= cut.to(c.device)) if int((every >= cut).sum()) <= k else (lambda c: c > cut.to(c.device))
+    return [v & above(c) for c, v in zip(covs, valid)]
+
+
+def _scoped(choose):
+    """The planner's ``select``: over the whole mini-batch, or per micro-batch (as verl)."""
+    def select(cfg, stats, gather):
+        if cfg.selection_scope == "microbatch":
+            return [choose(cfg, [s], None)[0] for s in stats]
+        return choose(cfg, stats, gather)
+    return select
+
+
+def _one_batch(choose):
+    """The ``keep_mask`` hook: the selection on one batch on its own (ρ = 1: no old log-probs here)."""
+    return lambda cfg, logprobs, entropy, advantages, response_mask: choose(
+        cfg, [TokenStats(logprobs, entropy, advantages, response_mask)], None)[0]
+
+
+def _all_valid(cfg, keep, response_mask):
+    return response_mask.bool()
+
+
+def _detached_surrogate(keep, logprobs, old_logprobs, advantages, cfg, valid):
+    loss, clips, log_ratio = clipped_surrogate(logprobs, old_logprobs, advantages, cfg)
+    # where, not a product: the detached tokens get an exact zero gradient
+    return torch.where(keep, loss, torch.zeros((), dtype=loss.dtype)), clips, log_ratio
+
+
+@register_objective("clip_cov", ClipCovConfig, keep_mask=_one_batch(_clip_cov_choose), select=_scoped(_clip_cov_choose),
+                    denominator_mask=_all_valid, policy_statistics=True)
+def clip_cov(cfg, logprobs, old_logprobs, advantages, response_mask, *, keep_mask=None, **kw):
+    """Clip-Cov (arXiv 2505.22617): the clipped surrogate with a few high-covariance tokens' gradient
+    detached; normalised over all valid tokens (verl). ``keep_mask``: the tokens that keep their
+    gradient, from the planner; None = chosen on this batch alone (verl's per-micro-batch choice)."""
+    if keep_mask is None:
+        stats = TokenStats(logprobs, None, advantages, response_mask, None, old_logprobs)
+        keep_mask = _clip_cov_choose(cfg, [stats], None)[0]
+    valid = response_mask.bool()
+    loss, metrics = _clip_objective(cfg, logprobs, old_logprobs, advantages, response_mask,
+                                    surrogate=functools.partial(_detached_surrogate, keep_mask), **kw)
+    metrics["clip_cov/detached"] = (valid & ~keep_mask).sum().detach().float()
+    metrics["clip_cov/detached_fraction"] = _masked_mean(~keep_mask, valid)
+    return loss, metrics
+
+
+def _kl_cov_surrogate(penalised, logprobs, old_logprobs, advantages, cfg, valid):
+    """verl's kl_cov: the unclipped −A·ρ, plus β·|log ρ| on the penalised tokens."""
+    adv = expand_advantages(advantages, logprobs).to(logprobs.dtype)
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    loss = -adv * torch.exp(log_ratio)
+    loss = torch.where(penalised, loss + cfg.ppo_kl_coef * log_ratio.abs(), loss)
+    none = torch.zeros_like(valid)
+    return loss, {"high": none, "low": none, "dual": none}, log_ratio
+
+
+@register_objective("kl_cov", KLCovConfig, keep_mask=_one_batch(_kl_cov_choose), select=_scoped(_kl_cov_choose),
+                    denominator_mask=_all_valid, policy_statistics=True)
+def kl_cov(cfg, logprobs, old_logprobs, advantages, response_mask, *, keep_mask=None, **kw):
+    """KL-Cov (arXiv 2505.22617): −A·ρ with β·|log π − log π_old| on the top-covariance tokens.
+    ``keep_mask``: those penalised tokens, from the planner; None = chosen on this batch alone (verl)."""
+    if keep_mask is None:
+        keep_mask = _kl_cov_choose(cfg, [TokenStats(logprobs, None, advantages, response_mask)], None)[0]
+    valid = response_mask.bool()
+    loss, metrics = _clip_objective(cfg, logprobs, old_logprobs, advantages, response_mask,
+                                    surrogate=functools.partial(_kl_cov_surrogate, keep_mask & valid), **kw)
+    metrics["kl_cov/penalised"] = (valid & keep_mask).sum().detach().float()
+    metrics["kl_cov/penalised_fraction"] = _masked_mean(keep_mask, valid)
     return loss, metrics

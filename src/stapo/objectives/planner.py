@@ -5,7 +5,8 @@
 1. the mini-batch-wide statistics (S2T's τ_h, the 20-Entropy cut, DASD's gap moments), taken over
    every micro-batch on every rank (``gather``), as config overrides;
 2. each micro-batch's keep mask under that config, computed once, so the numerator and the
-   denominator use the same tokens;
+   denominator use the same tokens (all at once by the objective's ``select`` for a selection over
+   the whole mini-batch that is not a threshold: Clip-Cov's count, KL-Cov's top-k);
 3. the global denominator: the loss units (tokens or sequences) summed over micro-batches, then
    over ranks (``all_reduce``).
 
@@ -54,8 +55,10 @@ def plan_minibatch(spec: Objective, config: Any, stats: Sequence[TokenStats], *,
         config = dataclasses.replace(config, **overrides)
     keeps: list[torch.Tensor | None] = []
     units = 0
-    for s in stats:
-        keep = objective_keep_mask(spec, config, s.logprobs, s.entropy, s.advantages, s.response_mask)
+    selected = spec.select(config, stats, gather) if spec.select is not None else None
+    for i, s in enumerate(stats):
+        keep = (selected[i] if selected is not None
+                else objective_keep_mask(spec, config, s.logprobs, s.entropy, s.advantages, s.response_mask))
         units += count_units(denominator_token_mask(spec, config, keep, s.response_mask), config.loss_agg_mode)
         keeps.append(keep if spec.keep_mask is not None else None)
     return MinibatchPlan(config, overrides, keeps, units, all_reduce(units))

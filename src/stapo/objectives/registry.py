@@ -12,7 +12,11 @@ free of per-objective branches:
 - ``denominator_mask(cfg, keep, response_mask)``: the tokens the loss is normalised
   over, when that is not ``keep`` (20-Entropy's ``normalize_by: all``);
 - ``minibatch_overrides(cfg, stats, gather)``: statistics that must be taken over
-  the whole optimizer mini-batch (e.g. τ_h), returned as config overrides.
+  the whole optimizer mini-batch (e.g. τ_h), returned as config overrides;
+- ``select(cfg, stats, gather)``: every micro-batch's keep mask at once, for a selection that is
+  not a threshold (Clip-Cov's random choice of a count, KL-Cov's top-k); the planner calls it
+  instead of ``keep_mask`` per micro-batch. A keep mask may also mark the tokens an extra term
+  acts on (KL-Cov's penalised tokens); ``denominator_mask`` then says what the loss is normalised over.
 
 ``policy_statistics`` says whether those hooks read a policy's log-probs / entropy
 (S2T, 20-Entropy) rather than only the rollout policy's and the teacher's (DASD):
@@ -51,6 +55,7 @@ class Objective:
     needs_teacher: bool = False  # takes `teacher_logprobs` [B, T] (self-distillation objectives)
     denominator_mask: Callable[..., torch.Tensor] | None = None  # None: normalise over the keep mask
     policy_statistics: bool = False  # the hooks read a policy's log-probs / entropy (not only old / teacher)
+    select: Callable[..., list[torch.Tensor]] | None = None  # all micro-batches' keep masks at once
 
     def config(self, **overrides) -> Any:
         """The paper defaults with ``overrides`` applied; unknown keys are an error that lists the valid ones."""
@@ -77,6 +82,7 @@ def register_objective(
     needs_teacher: bool = False,
     denominator_mask: Callable[..., torch.Tensor] | None = None,
     policy_statistics: bool = False,
+    select: Callable[..., list[torch.Tensor]] | None = None,
 ):
     """Decorator: add ``fn`` to the registry under ``name``. A duplicate name is an error."""
 
@@ -84,7 +90,7 @@ def register_objective(
         if name in _REGISTRY:
             raise ValueError(f"objective {name!r} is already registered")
         _REGISTRY[name] = Objective(name, fn, config_cls, needs_entropy, keep_mask, minibatch_overrides,
-                                    needs_teacher, denominator_mask, policy_statistics)
+                                    needs_teacher, denominator_mask, policy_statistics, select)
         return fn
 
     return decorate
