@@ -3,6 +3,7 @@ the whole mini-batch (micro-batches, and 2 gloo ranks); one real train step each
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -120,7 +121,7 @@ def planned(name, batch, splits, **opts):
     objective = build_objective(name, opts)
     rows = len(batch["advantages"])
     bounds = [round(i * rows / splits) for i in range(splits + 1)]
-    stats = [stats_of(batch, slice(a, b)) for a, b in zip(bounds, bounds[1:])]
+    stats = [stats_of(batch, slice(a, b)) for a, b in itertools.pairwise(bounds)]
     torch.manual_seed(5)
     plan = objective.plan(stats)
     return torch.cat(plan.keep_masks), plan.denominator
@@ -190,7 +191,6 @@ TRAIN_CASES = {
 @pytest.mark.parametrize("name", sorted(TRAIN_CASES))
 def test_one_train_step(name, tiny_model_dir, tmp_path):
     import test_trainer  # the cheap config of the trainer tests (a module, so its tests are not collected here)
-
     from stapo.trainer.loop import train
 
     # two sweeps: the second sees ratios the first step moved (GSPO's clip, CISPO's weight)

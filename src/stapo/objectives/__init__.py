@@ -42,11 +42,11 @@ from .training import STATISTICS, TrainingObjective, build_objective, objective_
 
 __all__ = [
     "AGG_MODES",
-    "CISPOConfig",
-    "ClipCovConfig",
     "OBJECTIVES",
     "STATISTICS",
+    "CISPOConfig",
     "ClipConfig",
+    "ClipCovConfig",
     "DAPOConfig",
     "DASDConfig",
     "DrGRPOConfig",
