@@ -5,6 +5,8 @@ Shapes: P prompts a step, G samples each, B = P·G rows, T response tokens.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections import defaultdict
 
@@ -153,11 +155,15 @@ def rollout_engine_mismatch(batch: RolloutBatch) -> dict[str, float]:
                                                     batch.response_mask).items()}
 
 
-def correct_rollout_engine(batch: RolloutBatch, tis_cap: float | None) -> dict[str, float]:
-    """Truncated importance sampling (``rollout.tis_cap``): advantages × min(π_train / π_engine, C)."""
+def correct_rollout_engine(batch: RolloutBatch, tis_cap: float | None) -> tuple[RolloutBatch, dict[str, float]]:
+    """Truncated importance sampling (``rollout.tis_cap``): advantages × min(π_train / π_engine, C).
+
+    Returns a new batch with [B, T] advantages (the input is not modified) and the TIS metrics.
+    """
     if tis_cap is None or batch.rollout_logprobs is None:
-        return {}
-    return apply_tis(batch, tis_cap)
+        return batch, {}
+    advantages, metrics = apply_tis(batch, tis_cap)
+    return dataclasses.replace(batch, advantages=advantages), metrics
 
 
 def old_stats_from_update(cfg, batch: RolloutBatch, *, gate=None, ref_model=None,
