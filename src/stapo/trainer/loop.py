@@ -116,7 +116,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
     heldout = setup.shard(heldout, ctx) if heldout else None
     heldout_prompts = setup.render_prompts(heldout, tokenizer, cfg) if heldout else None
     autocast = setup.autocast_context(cfg, device)
-    diagnostics = StepDiagnostics(cfg, vocab_size, ctx)
+    diagnostics = StepDiagnostics(cfg, objective, vocab_size, ctx)
 
     def evaluate() -> dict[str, float]:
         if not heldout:
