@@ -36,6 +36,7 @@ from stapo.objectives import (
     policy_loss,
     router_weight,
 )
+from stapo.objectives.training import objective_from_config
 from stapo.rollout import collate_rollouts
 from stapo.rollout.base import Generation
 
@@ -438,7 +439,8 @@ def test_update_is_micro_batch_invariant_on_a_real_model(tiny, tiny_model_dir, t
         compute_old_logprobs(m, b, 1.0, micro, torch.device("cpu"), with_collision=False)
         compute_teacher_logprobs(m, b, tok, cfg, torch.device("cpu"))
         opt = torch.optim.SGD(m.parameters(), lr=1.0)
-        metrics = update_policy(m, opt, b, cfg, torch.device("cpu"), params_fresh=True)
+        metrics = update_policy(m, opt, b, cfg, torch.device("cpu"), params_fresh=True,
+                                objective=objective_from_config(cfg))
         assert metrics["train/optimizer_steps"] == 1
         results.append(torch.cat([p.detach().reshape(-1) for p in m.parameters()]))
     moved = (results[0] - torch.cat([p.detach().reshape(-1) for p in model.parameters()])).abs().max()

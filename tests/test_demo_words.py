@@ -17,6 +17,7 @@ from stapo.demo import TASKS, assets, words
 from stapo.demo.sft import IGNORE, collate_sft, insert_junk
 from stapo.demo.task import exact_reward, solution, split_of
 from stapo.demo.task import make_problems as arith_problems
+from stapo.objectives.training import objective_from_config
 
 
 def test_words_problems_match_the_arithmetic_and_vary_their_wording():
@@ -202,7 +203,8 @@ def test_demo_words_config_update_silences_tokens_over_its_whole_mini_batch(smal
     assert int(whole.sum()) >= 1
     policy = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr)
-    metrics = update_policy(policy, optimizer, batch, cfg, torch.device("cpu"), params_fresh=True)
+    metrics = update_policy(policy, optimizer, batch, cfg, torch.device("cpu"), params_fresh=True,
+                            objective=objective_from_config(cfg))
     assert metrics["s2t/silenced"] == int(whole.sum()) and metrics["train/optimizer_steps"] == 1
     per_four = sum(int(s2t_mask(b.old_logprobs, b.old_entropy, b.advantages, b.response_mask).sum())
                    for b in batch.split(4 * 8))

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from stapo.config import ConfigError, build_config
+from stapo.objectives.training import objective_from_config
 from stapo.reuse import FIRST_GATED_PASS, HeadGradProbe, SlidingZScore, make_gate, should_veto, zscore
 
 # --- the statistic -----------------------------------------------------------------------------
@@ -172,7 +173,8 @@ def _update(model, batch, cfg, gate_window=None, lr=1e-3):
     gate = make_gate(cfg.reuse, m)
     if gate_window is not None:
         gate.load_state_dict({"window": {"values": gate_window, "last_g": gate_window[-1]}})
-    metrics = update_policy(m, opt, batch, cfg, "cpu", params_fresh=True, gate=gate)
+    metrics = update_policy(m, opt, batch, cfg, "cpu", params_fresh=True, gate=gate,
+                             objective=objective_from_config(cfg))
     return m, opt, metrics
 
 
@@ -374,7 +376,7 @@ def _worker(model_dir: str, out_dir: str, strategy: str) -> None:
         # error in the global gradient would show; a small lr keeps g2 ≈ g1
         gate.load_state_dict({"window": {"values": [1e-9] * 8, "last_g": 1e-9}})
         metrics = update_policy(model, torch.optim.SGD(model.parameters(), lr=1e-4), batch, cfg, "cpu",
-                                params_fresh=True, ctx=ctx, gate=gate)
+                                params_fresh=True, ctx=ctx, gate=gate, objective=objective_from_config(cfg))
         if strategy == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from stapo.config import ConfigError, build_config
+from stapo.objectives.training import objective_from_config
 from stapo.trainer.phases import (
     attach_advantages,
     compute_old_logprobs,
@@ -67,14 +68,15 @@ def rollout(model_tok):
 def _update(model, batch, cfg, collision):
     m = copy.deepcopy(model)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    metrics = update_policy(m, opt, batch, cfg, "cpu", params_fresh=True, collision=collision)
+    metrics = update_policy(m, opt, batch, cfg, "cpu", params_fresh=True, collision=collision,
+                           objective=objective_from_config(cfg))
     return m, metrics
 
 
 def test_update_scoring_the_rollout_policy_itself_equals_the_two_pass_update(model_tok, rollout):
     model, _ = model_tok
     cfg = _cfg("optim.ppo_epochs=2")  # the second sweep reads the statistics the first one left
-    assert old_stats_from_update(cfg, rollout)
+    assert old_stats_from_update(cfg, rollout, objective=objective_from_config(cfg))
     two_pass = copy.deepcopy(rollout)
     compute_old_logprobs(model, two_pass, 1.0, 3, "cpu", with_collision=True)
     m_ref, metrics_ref = _update(model, two_pass, cfg, collision=True)
@@ -97,7 +99,7 @@ def test_update_scoring_the_rollout_policy_itself_equals_the_two_pass_update(mod
 
 def test_a_separate_pass_whenever_something_needs_the_statistics_first(model_tok, rollout):
     model, _ = model_tok
-    assert old_stats_from_update(_cfg(objective="grpo"), rollout)
+    assert old_stats_from_update(_cfg(objective="grpo"), rollout, objective=objective_from_config(_cfg(objective="grpo")))
     needs_pass = {
         "S2T threshold and mask": _cfg(objective="stapo"),
         "20-entropy quantile": _cfg(objective="entropy20"),
@@ -105,13 +107,13 @@ def test_a_separate_pass_whenever_something_needs_the_statistics_first(model_tok
         "teacher pass": _cfg(objective="dasd"),
     }
     for why, cfg in needs_pass.items():
-        assert not old_stats_from_update(cfg, rollout), why
+        assert not old_stats_from_update(cfg, rollout, objective=objective_from_config(cfg)), why
     cfg = _cfg()
-    assert not old_stats_from_update(cfg, rollout, gate=object())
-    assert not old_stats_from_update(cfg, rollout, ref_model=model)
+    assert not old_stats_from_update(cfg, rollout, objective=objective_from_config(cfg), gate=object())
+    assert not old_stats_from_update(cfg, rollout, objective=objective_from_config(cfg), ref_model=model)
     engine = copy.deepcopy(rollout)
     engine.rollout_logprobs = torch.zeros_like(engine.response_mask, dtype=torch.float32)  # vLLM: TIS first
-    assert not old_stats_from_update(cfg, engine)
+    assert not old_stats_from_update(cfg, engine, objective=objective_from_config(cfg))
     # and update_policy refuses to guess
     with pytest.raises(ValueError, match="run compute_old_logprobs first"):
         _update(model, copy.deepcopy(rollout), _cfg(objective="stapo"), collision=False)

@@ -14,6 +14,7 @@ import torch
 
 from stapo.config import ConfigError, build_config
 from stapo.objectives import OBJECTIVES
+from stapo.objectives.training import objective_from_config
 from stapo.trainer.checkpoint import checkpoint_dirs, latest_checkpoint
 from stapo.trainer.loop import train
 
@@ -132,7 +133,7 @@ def test_gradient_accumulation_matches_whole_minibatch(tiny_model_dir):
             m = copy.deepcopy(model)
             compute_old_logprobs(m, batch, 1.0, 4, "cpu", with_collision=False)
             opt = torch.optim.SGD(m.parameters(), lr=1.0)
-            update_policy(m, opt, batch, cfg, "cpu", params_fresh=False)
+            update_policy(m, opt, batch, cfg, "cpu", params_fresh=False, objective=objective_from_config(cfg))
             results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
         base = torch.cat([p.detach().flatten() for p in model.parameters()])
         whole = results[0] - base

@@ -60,10 +60,11 @@ def _one_step(model, batch, cfg):
     passes = []
     hook = model.get_decoder().register_forward_hook(lambda *_: passes.append(torch.is_grad_enabled()))
     try:
-        if not old_stats_from_update(cfg, batch):
+        if not old_stats_from_update(cfg, batch, objective=objective_from_config(cfg)):
             compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size, "cpu",
                                  with_collision=False)
-        update_policy(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, cfg, "cpu", params_fresh=True)
+        update_policy(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, cfg, "cpu", params_fresh=True,
+                      objective=objective_from_config(cfg))
     finally:
         hook.remove()
     return model, passes

@@ -95,3 +95,25 @@ def test_tis_weights_reject_bad_cap(cap):
     train, rollout, _ = _batch(5)
     with pytest.raises(ValueError, match="cap"):
         tis_weights(train, rollout, cap)
+
+
+def test_tis_flows_forward_and_leaves_the_batch_alone():
+    """TIS returns a new batch with [B, T] advantages = A × w; the rollout batch keeps its [B] ones."""
+    from stapo.batch import RolloutBatch
+    from stapo.trainer.phases import correct_rollout_engine
+
+    train, rollout, mask = _batch(3)
+    b, t = train.shape
+    adv = torch.linspace(-1, 1, b, dtype=torch.float64)  # [B]
+    batch = RolloutBatch(prompt_ids=torch.zeros(b, 2, dtype=torch.long), prompt_mask=torch.ones(b, 2, dtype=torch.bool),
+                         response_ids=torch.zeros(b, t, dtype=torch.long), response_mask=mask,
+                         group_ids=torch.arange(b), truncated=torch.zeros(b, dtype=torch.bool),
+                         response_lengths=torch.full((b,), t), advantages=adv.clone(),
+                         old_logprobs=train, rollout_logprobs=rollout)
+    out, metrics = correct_rollout_engine(batch, 2.0)
+    assert out is not batch and torch.equal(batch.advantages, adv)  # input untouched, still [B]
+    w = tis_weights(train, rollout, 2.0, mask)
+    assert out.advantages.shape == (b, t) and torch.equal(out.advantages, adv[:, None] * w)
+    assert metrics["rollout/tis_weight_mean"] == pytest.approx(float(w[mask].mean()))
+    same, none = correct_rollout_engine(batch, None)
+    assert same is batch and none == {}

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from stapo.objectives.training import objective_from_config
+
 
 def main(model_dir: str, out_dir: str, strategy: str, objective: str, steps: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,7 +51,8 @@ def main(model_dir: str, out_dir: str, strategy: str, objective: str, steps: int
             stats = [phases._current_stats(model, m, 1.0) for m in micros]
         thresholds.append(minibatch_overrides(objective, stats, gather_variable if ctx.world_size > 1 else None,
                                               **cfg.objective.options)["entropy_threshold"])
-        phases.update_policy(model, opt, batch, cfg, "cpu", params_fresh=step == 0, ctx=ctx)
+        phases.update_policy(model, opt, batch, cfg, "cpu", params_fresh=step == 0, ctx=ctx,
+                             objective=objective_from_config(cfg))
     if strategy == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

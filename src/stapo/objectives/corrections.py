@@ -3,7 +3,7 @@
 The engine samples from π_rollout; the loss assumes π_train (the trainer's ``old_logprobs``).
 ``rollout_mismatch`` measures the gap; truncated importance sampling (TIS, as verl; Yao et al.
 2025) corrects for it by weighting each token's policy-gradient term by min(π_train / π_rollout, C).
-``apply_tis`` folds the weights into the batch's advantages: the clipped surrogate of every
+``apply_tis`` folds the weights into new [B, T] advantages: the clipped surrogate of every
 objective is linear in A for a fixed ratio, so A·w scales each token's loss by the same positive w.
 
 Shapes: B = responses in the batch, T = response length (right-padded).
@@ -73,14 +73,15 @@ def tis_weights(
     return weights
 
 
-def apply_tis(batch, cap: float) -> dict[str, float]:
-    """Scale ``batch.advantages`` to [B, T] advantages × ``tis_weights`` (needs ``rollout_logprobs``).
+def apply_tis(batch, cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """TIS advantages: ``batch.advantages`` expanded to [B, T] × ``tis_weights`` (needs ``rollout_logprobs``).
 
-    Returns ``{"rollout/tis_weight_mean": mean weight over response tokens}``.
+    Returns ``(advantages [B, T], {"rollout/tis_weight_mean": mean weight over response tokens})``;
+    ``batch`` is left as it was (the caller hands the new advantages on).
     """
     if batch.rollout_logprobs is None:
         raise ValueError("TIS needs the rollout engine's log-probs (batch.rollout_logprobs); the hf backend has none")
     w = tis_weights(batch.old_logprobs, batch.rollout_logprobs, cap, batch.response_mask)  # [B, T]
-    batch.advantages = expand_advantages(batch.advantages, w) * w
+    advantages = expand_advantages(batch.advantages, w) * w
     mask = batch.response_mask
-    return {"rollout/tis_weight_mean": float(w[mask].mean()) if mask.any() else 1.0}
+    return advantages, {"rollout/tis_weight_mean": float(w[mask].mean()) if mask.any() else 1.0}

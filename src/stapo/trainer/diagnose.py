@@ -11,15 +11,15 @@ import torch
 
 from ..diagnostics import DiagnosticsAccumulator, diagnostic_entropy_threshold, dump_rollouts
 from ..distributed import LOCAL, DistContext, gather_variable
-from ..objectives import get_objective
+from ..objectives.training import TrainingObjective
 
 
 class StepDiagnostics:
-    def __init__(self, cfg, vocab_size: int, ctx: DistContext = LOCAL):
+    def __init__(self, cfg, objective: TrainingObjective, vocab_size: int, ctx: DistContext = LOCAL):
         self.enabled = cfg.diagnostics.enabled
         self.vocab_size, self.ctx = vocab_size, ctx
         self.rows = cfg.optim.mini_batch_prompts // ctx.world_size * cfg.rollout.n
-        obj_cfg = get_objective(cfg.objective.name).config(**cfg.objective.options)
+        obj_cfg = objective.config  # the run's, built once by the loop
         # quadrant cuts default to the S2T settings; a stapo run's own τ_p / q take precedence
         self.prob_threshold = getattr(obj_cfg, "prob_threshold", cfg.diagnostics.prob_threshold)
         self.entropy_quantile = getattr(obj_cfg, "entropy_quantile", cfg.diagnostics.entropy_quantile)

@@ -119,7 +119,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
     heldout = shard(heldout, ctx) if heldout else None
     heldout_prompts = render_prompts(heldout, tokenizer, cfg) if heldout else None
     autocast = loading.autocast_context(cfg, device)
-    diagnostics = StepDiagnostics(cfg, vocab_size, ctx)
+    diagnostics = StepDiagnostics(cfg, objective, vocab_size, ctx)
 
     def evaluate() -> dict[str, float]:
         if not heldout:
@@ -168,7 +168,8 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                         compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size,
                                              device, with_collision=diagnostics.enabled, ref_model=ref_model)
                     metrics |= rollout_engine_mismatch(batch)  # vLLM vs trainer log-probs
-                    metrics |= correct_rollout_engine(batch, cfg.rollout.tis_cap)  # TIS, when set
+                    batch, tis = correct_rollout_engine(batch, cfg.rollout.tis_cap)  # TIS, when set: new advantages
+                    metrics |= tis
                     if objective.needs_teacher:  # 5b. self-distillation (DASD, OPSD)
                         compute_teacher_logprobs(model, batch, tokenizer, cfg, device)  # privileged context, no grad
                     # 6. ppo_epochs × mini-batches of M prompts: thresholds, accumulate, clip, step

@@ -5,6 +5,7 @@ Shapes: P prompts a step, G samples each, B = P·G rows, T response tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 
@@ -16,7 +17,7 @@ from ..data.prompts import tokenize_prompt
 from ..distributed import LOCAL, DistContext, all_reduce_sum, gather_variable
 from ..objectives import TokenStats
 from ..objectives.corrections import apply_tis, rollout_mismatch
-from ..objectives.training import MinibatchPlan, TrainingObjective, objective_from_config
+from ..objectives.training import MinibatchPlan, TrainingObjective
 from ..rollout import SamplingConfig, collate_rollouts
 
 # metrics that add up over micro-batches instead of averaging
@@ -153,15 +154,19 @@ def rollout_engine_mismatch(batch: RolloutBatch) -> dict[str, float]:
                                                     batch.response_mask).items()}
 
 
-def correct_rollout_engine(batch: RolloutBatch, tis_cap: float | None) -> dict[str, float]:
-    """Truncated importance sampling (``rollout.tis_cap``): advantages × min(π_train / π_engine, C)."""
+def correct_rollout_engine(batch: RolloutBatch, tis_cap: float | None) -> tuple[RolloutBatch, dict[str, float]]:
+    """Truncated importance sampling (``rollout.tis_cap``): advantages × min(π_train / π_engine, C).
+
+    Returns a new batch with [B, T] advantages (the input is not modified) and the TIS metrics.
+    """
     if tis_cap is None or batch.rollout_logprobs is None:
-        return {}
-    return apply_tis(batch, tis_cap)
+        return batch, {}
+    advantages, metrics = apply_tis(batch, tis_cap)
+    return dataclasses.replace(batch, advantages=advantages), metrics
 
 
-def old_stats_from_update(cfg, batch: RolloutBatch, *, gate=None, ref_model=None,
-                          objective: TrainingObjective | None = None) -> bool:
+def old_stats_from_update(cfg, batch: RolloutBatch, *, objective: TrainingObjective, gate=None,
+                          ref_model=None) -> bool:
     """True when ``update_policy``'s first forward can supply ``old_logprobs`` (and the rollout
     policy's entropy / collision) itself, so ``compute_old_logprobs`` would be a redundant forward.
 
@@ -170,9 +175,8 @@ def old_stats_from_update(cfg, batch: RolloutBatch, *, gate=None, ref_model=None
     log-prob pass), nothing is needed before the loss (no mini-batch-wide statistic or
     statistics-dependent loss mask, no engine log-probs to correct against: vLLM TIS), no
     reference or teacher pass shares the no-grad sweep, and no reuse gate (benchmark 3, issue 11).
-    ``objective``: the run's, built once (``objective_from_config(cfg)`` when None).
+    ``objective``: the run's, built once by the loop.
     """
-    objective = objective or objective_from_config(cfg)
     return (cfg.optim.mini_batch_prompts == cfg.rollout.prompts_per_step
             and not objective.needs_statistics
             and batch.rollout_logprobs is None and gate is None and ref_model is None)
@@ -204,7 +208,7 @@ class MetricMean:
 
 def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_fresh: bool = True,
                   ctx: DistContext = LOCAL, gate=None, collision: bool = False,
-                  objective: TrainingObjective | None = None) -> dict[str, float]:
+                  objective: TrainingObjective) -> dict[str, float]:
     """``ppo_epochs`` sweeps of optimizer mini-batches of M prompts over ``batch`` (Algorithm 1, lines 6-9).
 
     Per mini-batch: (1) plan: the objective's mini-batch-wide statistics, each micro-batch's keep
@@ -212,7 +216,7 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
     each loss divided by that denominator; (3) clip; (4) step, skipped when the loss or the
     gradient norm is not finite, or when the reuse gate vetoes it.
 
-    ``objective``: built once per run (``objective_from_config(cfg)`` when None). Its statistics
+    ``objective``: built once per run, by the loop. Its statistics
     come from the rollout policy (``old_logprobs``) while the policy is still that one
     (the first mini-batch of a step) or under ``objective.statistics: rollout``; otherwise, for
     objectives whose mask reads a policy's statistics (S2T, 20-Entropy), from a no-grad pass of the
@@ -231,7 +235,6 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
     (``measure``) and may veto a finite step (``veto``): the step is skipped (gradients dropped,
     Adam untouched) and the batch is not reused further.
     """
-    objective = objective or objective_from_config(cfg)
     rows = cfg.optim.mini_batch_prompts // ctx.world_size * cfg.rollout.n  # this rank's share of M
     fill = params_fresh and batch.old_logprobs is None  # the update scores the rollout policy itself
     if fill and (len(batch) > rows or objective.needs_statistics):
