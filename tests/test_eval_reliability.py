@@ -108,7 +108,8 @@ def test_bad_input_uses_the_error_prefix_and_leaves_no_folder(tmp_path, capsys):
     assert main(["eval", "--model", str(not_a_model), "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "o"),
                  "-q", *QUICK]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"stapo eval: error: --model: cannot load a tokenizer from '{not_a_model}'")
+    assert err == (f"stapo eval: error: --model: {not_a_model} is a folder but not a model: it has no config.json "
+                   "(expected a save_pretrained folder or a hub id)\n")
     assert not (tmp_path / "o").exists()
 
 

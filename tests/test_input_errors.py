@@ -204,3 +204,13 @@ def test_hub_id_without_network_is_one_line_in_train_and_eval(offline_hub, tiny_
     one_line_error(ev, f"stapo eval: error: --model={NO_SUCH_HUB_ID}: not a local folder", "cannot be reached")
     assert ev_s < base_s + 10, f"eval took {ev_s:.0f} s"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", ["reward.name=nosuch_mod:fn", "model.dtype=float16"])
+def test_built_in_task_refuses_bad_input_before_building_its_base_model(bad, tmp_path):
+    """The built-in task (`stapo train` with no config) trains its base model on first use, for minutes:
+    a bad reward module or an fp16-on-CPU dtype is refused before that, so nothing is built or written."""
+    out = tmp_path / "runs"
+    proc = stapo("train", f"output_dir={out}", "steps=1", bad, cwd=tmp_path)
+    one_line_error(proc, bad.split("=")[0])
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))  # no run folder, no _demo_base

@@ -187,11 +187,13 @@ def _run(args) -> int:
         return 0
 
     from ..models.hub import resolve_model_source
+    from ..models.loading import check_model_folder
     from .harness import CONFIG, check_config, config_record, evaluate, out_lock
     from .loading import check_not_run_dir, dtype_name, load_for_eval
 
     check_not_run_dir(args.model)
     source = resolve_model_source(args.model, "--model")  # offline: the cached copy, or one line within seconds
+    check_model_folder(source, "--model")  # config.json and whole weights, before anything loads
     out = Path(args.out) if args.out else _default_out(args.model)
     dtype = dtype_name(args.dtype, args.device, settings.backend)
     # refused before the model loads: a folder another eval writes, or one of other settings

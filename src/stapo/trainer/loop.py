@@ -86,9 +86,10 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
         rundir.check_new_run(cfg)  # run_name, output_dir: before the data is read
     train_set, heldout = load_problem_sets(cfg)
     run_dir, ckpt = held.enter_context(rundir.resume_run(resume, cfg, ctx)) if resume else (None, None)
-    setup.check_prompt_lengths(cfg, train_set, heldout, ckpt)
+    pool = held.enter_context(setup.reward_pool(**_reward_kwargs(cfg)))  # imports and checks a user's reward,
+    # before the built-in task's base model may be trained (minutes) for the checks below
     setup.check_dtype(cfg, device, ckpt)
-    pool = held.enter_context(setup.reward_pool(**_reward_kwargs(cfg)))  # imports and checks a user's reward
+    setup.check_prompt_lengths(cfg, train_set, heldout, ckpt)
     if not resume:  # created only now that the config and data are valid
         run_dir = held.enter_context(rundir.new_run(cfg, ctx))
     setup.seed_everything(cfg.seed + ctx.rank)  # each rank samples its own rollouts

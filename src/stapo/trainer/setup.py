@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig, torch_dtype
+from ..config.dtypes import canonical_dtype
 from ..data.prompts import render_prompts, tokenize_prompt
 from ..errors import UserError
 from ..models import loading
@@ -54,8 +55,9 @@ def _sources(cfg: TrainConfig, checkpoint: Path | None, log=None) -> tuple[str, 
 
 def check_dtype(cfg: TrainConfig, device: torch.device, checkpoint: Path | None) -> None:
     """``model.dtype`` float16 is refused on a CPU (``loading.refuse_cpu_float16``)."""
-    if device.type == "cpu":
-        loading.refuse_cpu_float16(cfg.model.dtype, device, _sources(cfg, checkpoint)[0])
+    if device.type == "cpu":  # only ``auto`` reads the checkpoint (a built-in task's is built first)
+        auto = canonical_dtype(cfg.model.dtype) == "auto"
+        loading.refuse_cpu_float16(cfg.model.dtype, device, _sources(cfg, checkpoint)[0] if auto else "")
 
 
 def load_policy(cfg: TrainConfig, device: torch.device, checkpoint: Path | None = None):
