@@ -30,6 +30,8 @@ Runs already finished under --out are reused (delete the folder to start over).
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -134,6 +136,7 @@ def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[i
     cmd += (" --set " + " ".join(args.set)) if args.set else ""
     if not args.stress and args.objectives != OBJECTIVES:
         cmd += " --objectives " + " ".join(args.objectives)
+    cmd += (" --paired " + " ".join(args.paired)) if args.paired else ""
     steps = results[0]["steps"]
     walls = [r["wall_s"] for r in results if r.get("wall_s")]
     lines = [
@@ -156,6 +159,7 @@ def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[i
         delta = [r["acc_after"] - r["acc_before"] for r in rs]
         rows.append([f"`{label}`", len(rs), mean_sd([r["acc_before"] for r in rs]), mean_sd([r["acc_after"] for r in rs]),
                      mean_sd(delta), " / ".join(f"{100 * d:+.1f}" for d in delta),
+                     f"{sum(d < 0 for d in delta)}/{len(delta)}",
                      mean_sd([r["greedy_after"] - r["greedy_before"] for r in rs]),
                      mean_sd([r["acc_min"] for r in rs]), mean_sd([r["acc_max"] for r in rs]),
                      mean_sd([r["entropy_final"] for r in rs], 1.0, "{:.3f}"),
@@ -163,7 +167,7 @@ def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[i
                      mean_sd([r["masked_fraction"] for r in rs], 1.0, "{:.1e}"),
                      mean_sd([r["grad_norm_max"] for r in rs], 1.0, "{:.2f}")])
     lines += [markdown_table(
-        ["objective", "seeds", "sampled before", "sampled after", "Δ", "Δ per seed", "greedy Δ", "min after 0",
+        ["objective", "seeds", "sampled before", "sampled after", "Δ", "Δ per seed", "ended below start", "greedy Δ", "min after 0",
          "max after 0", "final entropy", "max entropy", "S2T masked fraction", "max grad norm"], rows), ""]
     lines += [("Peak and after (sampled / greedy held-out accuracy %, mean ± SD over seeds; the lowest evaluation "
               "after each seed's peak, '-' when the peak is the last evaluation):"), ""]
@@ -177,11 +181,58 @@ def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[i
                      mean_sd([r["train_s"] for r in rs], 1.0, "{:.0f}")])
     lines += [markdown_table(["objective", "peak sampled", "peak greedy", "peak step per seed",
                               "lowest after peak", "end sampled", "end greedy", "RL step s (contended)"], prow), ""]
+    if args.paired:
+        lines += paired_lines(results, *args.paired)
     lines += ["Held-out accuracy curves (%, every evaluation):", ""]
     lines += [markdown_table(["objective", "seed", "accuracy by step"], [
         [f"`{r['label']}`", r["seed"], " → ".join(f"{100 * a:.1f}" for _, a in r["curve"])]
         for r in sorted(results, key=lambda r: (r["label"], r["seed"]))]), ""]
     return "\n".join(lines)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student t quantile by bisection on its CDF (Simpson's rule on the density); no scipy here."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, n: int = 2000) -> float:
+        h = x / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 100.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_comparison(a: dict[int, float], b: dict[int, float]) -> dict:
+    """a − b over the seeds both have (each seed: one shared base and held-out set): the mean
+    difference, its 95% t-interval, and the exact two-sided sign-flip permutation p-value."""
+    seeds = sorted(a.keys() & b.keys())
+    d = [a[s] - b[s] for s in seeds]
+    n, mean = len(d), statistics.fmean(d)
+    half = t_quantile(0.975, n - 1) * statistics.stdev(d) / math.sqrt(n) if n > 1 else float("nan")
+    flips = [abs(sum(x * f for x, f in zip(d, signs))) / n for signs in itertools.product((1, -1), repeat=n)]
+    p = sum(m >= abs(mean) - 1e-12 for m in flips) / len(flips)
+    return {"n": n, "diff": d, "mean": mean, "ci": (mean - half, mean + half), "p_sign_flip": p}
+
+
+def paired_lines(results: list[dict], a: str, b: str) -> list[str]:
+    """The paired comparison of two objectives on Δ (after − before) and on the final accuracy."""
+    by = {label: {r["seed"]: r for r in results if r["label"] == label} for label in (a, b)}
+    rows = []
+    for what, key in (("Δ (after − before)", lambda r: r["acc_after"] - r["acc_before"]),
+                      ("sampled after", lambda r: r["acc_after"]), ("min after 0", lambda r: r["acc_min"])):
+        c = paired_comparison({s: key(r) for s, r in by[a].items()}, {s: key(r) for s, r in by[b].items()})
+        rows.append([what, c["n"], f"{100 * c['mean']:+.2f}", f"[{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}]",
+                     f"{c['p_sign_flip']:.3f}", " / ".join(f"{100 * x:+.1f}" for x in c["diff"])])
+    sd = {label: statistics.stdev([r["acc_after"] - r["acc_before"] for r in by[label].values()]) for label in (a, b)}
+    return [(f"Paired comparison, `{a}` − `{b}`, seed by seed (each seed: one base model and one held-out set "
+             f"for both; accuracy points). 95% CI: Student t over the seeds; p: exact two-sided sign-flip "
+             f"permutation test (all 2^n sign patterns). SD of Δ over seeds: `{a}` {100 * sd[a]:.1f}, "
+             f"`{b}` {100 * sd[b]:.1f}."), "",
+            markdown_table(["measure", "seeds", "mean difference", "95% CI", "p (sign flip)", "per seed"], rows), ""]
 
 
 def plot_curves(results: list[dict], path: Path) -> None:
@@ -230,6 +281,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for every run (e.g. optim.mini_batch_prompts=4)")
     p.add_argument("--markdown", type=Path, default=None, help="write the result fragment here")
+    p.add_argument("--paired", nargs=2, default=None, metavar=("A", "B"),
+                   help="also report A − B seed by seed: mean, 95%% CI, sign-flip p")
     args = p.parse_args(argv)
     if args.stress and args.lr is None:
         args.lr = 3e-4
