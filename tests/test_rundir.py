@@ -192,6 +192,26 @@ def test_enospc_while_writing_metrics_is_one_line_and_the_run_resumes(tiny_model
     assert steps_of(run_dir) == list(range(saved + 2))
 
 
+@pytest.mark.parametrize("victim", [".config.yaml.tmp", "rollouts/step_000003.parquet.tmp"])
+def test_enospc_on_any_other_write_is_one_line_and_the_run_resumes(run_copy, capsys, victim):
+    """config.yaml at the start, a rollout dump mid-run: each is a real ENOSPC (/dev/full)."""
+    _, run_dir = run_copy
+    (run_dir / victim).parent.mkdir(exist_ok=True)
+    os.symlink("/dev/full", run_dir / victim)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert main(["train", "--quiet", "--resume", str(run_dir), "steps=3", "diagnostics.dump_every=1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.rstrip().count("\n") <= 1, err  # the resume line, then one line
+    name = "config.yaml" if victim.startswith(".config") else victim.removesuffix(".tmp")
+    assert err.rstrip().splitlines()[-1].startswith(f"stapo train: error: cannot write {run_dir / name} ")
+    assert "(No space left on device); every checkpoint already saved is intact" in err
+    assert f"`stapo train --resume {run_dir}`" in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    (run_dir / victim).unlink(missing_ok=True)  # space freed (pyarrow removes the file it could not write)
+    assert main(["train", "--quiet", "--resume", str(run_dir), "steps=3"]) == 0
+    assert steps_of(run_dir) == [0, 1, 2, 3]
+
+
 def test_a_resumed_run_maps_no_checkpoint_file_so_pruning_frees_the_disk(run_copy):
     """While a resumed run goes on, the checkpoint it loaded is pruned: it must not stay mapped (listed
     "(deleted)" in /proc/PID/maps, its disk space still in use)."""

@@ -21,6 +21,7 @@ schema metadata (key ``stapo``) holds the settings and the τ_h used.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -208,6 +209,9 @@ def dump_rollouts(path: str | Path, batch, *, step: int, logprobs, entropy, coll
                           tokenizer=tokenizer, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+    except OSError as err:  # pyarrow names no file (and removes the torn one)
+        raise OSError(err.errno, os.strerror(err.errno), str(path)) from None
     tmp.replace(path)  # readers (a live `stapo analyze`) never see a half-written file
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -78,6 +79,13 @@ def run(args) -> int:
         if main_rank:
             print(f"stapo train: interrupted by {err}", file=sys.stderr, flush=True)
         return 128 + err.signum
+    except OSError as err:  # a full disk or quota on any write (config, dumps, plots): checkpoints are atomic
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = err.filename or f"a file under {args.resume or cfg.output_dir}"
+        how = f"`stapo train --resume {args.resume}`" if args.resume else "`stapo train --resume RUN_DIR`"
+        raise UserError(f"cannot write {where} ({os.strerror(err.errno)}); every checkpoint already saved is intact: "
+                        f"free space, then {how}") from None
     if main_rank:  # once under torchrun
         print_summary(run_dir)
     return 0

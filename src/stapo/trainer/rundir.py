@@ -237,7 +237,10 @@ def record_config(run_dir: Path, cfg: TrainConfig, step: int, changes: dict | No
     """Write ``config.yaml`` (atomically) and append the start (``changes`` None: the whole config) or
     the resume (what changed, from ``step`` on) to the config history."""
     tmp = run_dir / ".config.yaml.tmp"  # headed by the objective line, as `stapo config` prints it
-    tmp.write_text(f"# {objective_line(cfg)}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    try:
+        tmp.write_text(f"# {objective_line(cfg)}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    except OSError as err:  # a full disk: a failed write() names no file, so name it here
+        raise OSError(err.errno, os.strerror(err.errno), str(run_dir / "config.yaml")) from None
     os.replace(tmp, run_dir / "config.yaml")
     entry = {"step": step, "time": datetime.datetime.now().isoformat(timespec="seconds")}
     entry |= {"event": "start", "config": to_dict(cfg)} if changes is None else {"event": "resume", "changes": changes}
