@@ -137,6 +137,7 @@ def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[i
     if not args.stress and args.objectives != OBJECTIVES:
         cmd += " --objectives " + " ".join(args.objectives)
     cmd += (" --paired " + " ".join(args.paired)) if args.paired else ""
+    cmd += f" --bases {args.bases}" if args.bases else ""
     steps = results[0]["steps"]
     walls = [r["wall_s"] for r in results if r.get("wall_s")]
     lines = [
@@ -281,6 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for every run (e.g. optim.mini_batch_prompts=4)")
     p.add_argument("--markdown", type=Path, default=None, help="write the result fragment here")
+    p.add_argument("--bases", type=int, default=None, metavar="N",
+                   help="RL seed s starts from the base model of seed s %% N (default: its own)")
     p.add_argument("--paired", nargs=2, default=None, metavar=("A", "B"),
                    help="also report A − B seed by seed: mean, 95%% CI, sign-flip p")
     args = p.parse_args(argv)
@@ -295,7 +298,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, args.threads * args.jobs))
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_description()
-    bases = {s: build_base_model(args.base_cache / f"seed{s}", task=args.task, seed=s) for s in args.seeds}
+    base_seed = {s: s % args.bases if args.bases else s for s in args.seeds}
+    built = {b: build_base_model(args.base_cache / f"seed{b}", task=args.task, seed=b) for b in sorted(set(base_seed.values()))}
+    bases = {s: built[b] for s, b in base_seed.items()}
     specs = [(v, s) for v in variants(args) for s in args.seeds]
     results, wall = run_grid(lambda spec: launch(args, bases, spec), specs, args.jobs)
     write_report(args.out, results, markdown(args, results, machine, wall, bases), args.markdown)
