@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     base_seed = {s: s % args.bases if args.bases else s for s in args.seeds}
     built = {b: build_base_model(args.base_cache / f"seed{b}", task=args.task, seed=b) for b in sorted(set(base_seed.values()))}
     bases = {s: built[b] for s, b in base_seed.items()}
-    specs = [(v, s) for v in variants(args) for s in args.seeds]
+    specs = [(v, s) for s in args.seeds for v in variants(args)]  # seed-major: a stopped grid leaves whole pairs
     results, wall = run_grid(lambda spec: launch(args, bases, spec), specs, args.jobs)
     write_report(args.out, results, markdown(args, results, machine, wall, bases), args.markdown)
     if args.figure:
