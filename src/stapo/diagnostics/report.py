@@ -10,8 +10,9 @@ optionally ``config.yaml``. Output (default ``RUN_DIR/analysis``): ``report.md``
     grad_norm_hist.png      ‖∇_z J‖ histograms per quadrant (all dumps)
     entropy.png             entropy over training with the predicted entropy-up fractions overlaid
 
-Nothing here depends on the objective: the silenced columns of a GRPO run are what S2T would
-have silenced. Plots use matplotlib's object API with the Agg canvas (no display, no global state).
+Nothing but the "Tokens the objective acts on" section depends on the objective: the silenced
+columns of a GRPO run are what S2T would have silenced; that section shows ``select/*``, the tokens
+a selecting objective (stapo, entropy20, clip_cov, kl_cov) acted on. Plots use matplotlib's object API with the Agg canvas (no display, no global state).
 """
 
 from __future__ import annotations
