@@ -8,7 +8,7 @@
    denominator use the same tokens (all at once by the objective's ``select`` for a selection over
    the whole mini-batch that is not a threshold: Clip-Cov's count, KL-Cov's top-k);
 3. the tokens the objective acts on (``Objective.selected``: S2T's silenced, Clip-Cov's detached,
-   ...), per micro-batch, for the diagnostics (``stapo.diagnostics.selection``);
+   ...), per micro-batch, for the diagnostics (``stapo.diagnostics.metrics.selection_sums``);
 4. the global denominator: the loss units (tokens or sequences) summed over micro-batches, then
    over ranks (``all_reduce``).
 

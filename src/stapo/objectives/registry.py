@@ -19,7 +19,7 @@ free of per-objective branches:
   acts on (KL-Cov's penalised tokens); ``denominator_mask`` then says what the loss is normalised over.
 
 ``action`` names what a token-selecting objective does to the tokens it selects, for the
-diagnostics (``stapo.diagnostics.selection``): ``ACTIONS`` says whether those are the tokens its
+diagnostics (``stapo.diagnostics.metrics.selection_sums``): ``ACTIONS`` says whether those are the tokens its
 keep mask drops (S2T's silenced, Clip-Cov's detached) or keeps (20-Entropy's, KL-Cov's penalised).
 
 ``policy_statistics`` says whether those hooks read a policy's log-probs / entropy
