@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from stapo.diagnostics import DiagnosticsAccumulator, diagnostic_entropy_threshold, read_rollouts, token_diagnostics
+from stapo.diagnostics import (
+    DiagnosticsAccumulator,
+    diagnostic_entropy_threshold,
+    read_rollouts,
+    token_diagnostics,
+)
 from stapo.diagnostics.report import dump_selection
 from stapo.objectives import TokenStats
 from stapo.objectives.training import build_objective

@@ -331,11 +331,11 @@ def _selection_section(rows: list[dict], table) -> list[str]:
         return f"{src[key]:.4g}" if src and isinstance(src.get(key), (int, float)) else "–"
 
     step = f"step {last['step']}" if last else "no step"
-    lines = [f"Tokens the objective acts on (**{action}**): their share of valid tokens, their p × H quadrants "
+    intro = (f"Tokens the objective acts on (**{action}**): their share of valid tokens, their p × H quadrants "
              "(the cuts above; `non_positive`: A ≤ 0, outside the quadrants) and their overlap with the set "
              "S2T silences at its settings on the same tokens (`of_selected`: share of this set; `of_s2t`: "
-             "share of S2T's).", "",
-             f"| metric | metrics.jsonl ({step}) | all dumps |", "|---|---|---|"]
+             "share of S2T's).")
+    lines = [intro, "", f"| metric | metrics.jsonl ({step}) | all dumps |", "|---|---|---|"]
     lines += [f"| `{k}` | {cell(last, k)} | {cell(dumped, k)} |" for k in keys]
     return lines
 
