@@ -32,6 +32,7 @@ class RolloutBatch:
     old_entropy: torch.Tensor | None = None  # [B, T] float, entropy of the policy that computed old_logprobs
     old_collision: torch.Tensor | None = None  # [B, T] float, its collision probability Σ_v π_v²
     teacher_logprobs: torch.Tensor | None = None  # [B, T] float, privileged-context pass (DASD)
+    selected: torch.Tensor | None = None  # [B, T] bool, tokens the objective acted on (first sweep's plan)
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]

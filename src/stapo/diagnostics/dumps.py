@@ -10,6 +10,9 @@ Layout: ``RUN_DIR/rollouts/step_000010.parquet`` (``rollout_path``). Columns:
                                                     is null without Σπ² log π)
     entropy_up_paper                                p < e^{−H}
     valid, candidate, silenced, entropy20_kept      mask decisions (entropy20_kept null if not given)
+    selected                                        tokens the training objective acted on (its
+                                                    metadata ``action``: silenced, kept, detached,
+                                                    penalised); null for an objective that selects none
     quadrant                                        one of QUADRANTS, null unless valid with A > 0
 
 Rows cover every real response token: positions up to the later of the last valid
@@ -102,6 +105,8 @@ def rollout_table(
     p2logp: torch.Tensor | None = None,
     silenced: torch.Tensor | None = None,
     entropy20_kept: torch.Tensor | None = None,
+    selected: torch.Tensor | None = None,
+    action: str | None = None,
     vocab_size: int | None = None,
     prob_threshold: float = TAU_P,
     entropy_threshold: float | None = None,
@@ -118,9 +123,9 @@ def rollout_table(
     if logprobs.shape != batch.response_ids.shape:
         raise ValueError(f"logprobs shape {tuple(logprobs.shape)} != batch.response_ids shape "
                          f"{tuple(batch.response_ids.shape)}")
-    if entropy20_kept is not None and entropy20_kept.shape != logprobs.shape:
-        raise ValueError(f"entropy20_kept shape {tuple(entropy20_kept.shape)} != logprobs shape "
-                         f"{tuple(logprobs.shape)}")
+    for name, mask in (("entropy20_kept", entropy20_kept), ("selected", selected)):
+        if mask is not None and mask.shape != logprobs.shape:
+            raise ValueError(f"{name} shape {tuple(mask.shape)} != logprobs shape {tuple(logprobs.shape)}")
     # without old log-probs the dump is on-policy: ρ = 1
     old = batch.old_logprobs if batch.old_logprobs is not None else logprobs
     cfg = DiagnosticsConfig(vocab_size or len(tokenizer), prob_threshold, entropy_quantile, entropy_threshold,
@@ -173,6 +178,8 @@ def rollout_table(
         "silenced": pa.array(col(f.silenced).numpy()),
         "entropy20_kept": (pa.array(col(entropy20_kept.bool()).numpy()) if entropy20_kept is not None
                            else pa.nulls(len(seq_list), pa.bool_())),
+        "selected": (pa.array(col(selected.bool()).numpy()) if selected is not None
+                     else pa.nulls(len(seq_list), pa.bool_())),
         "quadrant": pa.array([QUADRANTS[q] if q >= 0 else None for q in quad], pa.string()),
     }
     meta = {
@@ -184,6 +191,7 @@ def rollout_table(
         "clip_low": clip_low,
         "clip_high": clip_high,
         "clip_ratio_c": clip_ratio_c,
+        "action": action if selected is not None else None,  # what the objective did to `selected`
     }
     table = pa.table(columns)
     return table.replace_schema_metadata({"stapo": json.dumps(meta)})
@@ -195,7 +203,8 @@ def dump_rollouts(path: str | Path, batch, *, step: int, logprobs, entropy, coll
     Shapes: ``batch`` a ``stapo.batch.RolloutBatch`` with ``advantages`` ([B] or [B, T]) set and, for
     ρ ≠ 1, ``old_logprobs`` [B, T]; ``logprobs``, ``entropy``, ``collision`` (Σπ²) [B, T] of the
     current policy. Optional keyword tensors [B, T]: ``p2logp`` (Σπ² log π, for ``dh_exact``),
-    ``silenced`` (the trainer's S2T mask; computed with the settings when None), ``entropy20_kept``.
+    ``silenced`` (the trainer's S2T mask; computed with the settings when None), ``entropy20_kept``,
+    ``selected`` (the tokens the objective acted on, with its ``action`` word).
     Settings (``prob_threshold``, ``entropy_threshold``, ``entropy_quantile``, clip constants,
     ``vocab_size`` = len(tokenizer) by default) as ``token_diagnostics``. ``path`` may be a run
     directory, in which case the file is ``rollout_path(path, step)``. Returns the file written.

@@ -45,6 +45,9 @@ __all__ = [
     "TokenFields",
     "diagnostic_entropy_threshold",
     "finalize",
+    "finalize_selection",
+    "quadrant_codes",
+    "selection_sums",
     "token_diagnostic_sums",
     "token_diagnostics",
     "token_fields",
@@ -136,6 +139,51 @@ def diagnostic_entropy_threshold(
     return quantile(pos, entropy_quantile) if pos.numel() else float("nan")
 
 
+def quadrant_codes(prob: torch.Tensor, entropy: torch.Tensor, positive: torch.Tensor, prob_threshold: float,
+                   entropy_threshold: float) -> torch.Tensor:
+    """Each token's index into QUADRANTS [B, T] long: 2·[p ≥ τ_p] + [H ≥ τ_h]; −1 unless ``positive``."""
+    high_p = prob >= prob_threshold
+    high_h = entropy >= entropy_threshold  # False everywhere when τ_h is nan, but then no token is positive
+    code = 2 * high_p.long() + high_h.long()
+    return torch.where(positive.bool(), code, torch.full_like(code, -1))
+
+
+def selection_sums(selected: torch.Tensor, valid: torch.Tensor, quadrant: torch.Tensor,
+                   silenced: torch.Tensor) -> dict[str, float]:
+    """Additive statistics of the tokens an objective acts on (``Objective.selected``), all [B, T]:
+    ``quadrant`` from ``quadrant_codes``, ``silenced`` S2T's set over the same mini-batch.
+    The one function behind the trainer's ``select/*`` metrics and ``stapo analyze``'s table."""
+    valid = valid.bool()
+    sel = selected.bool() & valid
+    s2t = silenced.bool() & valid
+    out = {
+        "sum/select/valid": float(valid.sum()),
+        "sum/select/count": float(sel.sum()),
+        "sum/select/non_positive": float((sel & (quadrant < 0)).sum()),
+        "sum/select/s2t": float(s2t.sum()),
+        "sum/select/overlap": float((sel & s2t).sum()),
+    }
+    for i, name in enumerate(QUADRANTS):
+        out[f"sum/select/quadrant/{name}"] = float((sel & (quadrant == i)).sum())
+    return out
+
+
+def finalize_selection(sums: Mapping[str, float]) -> dict[str, float]:
+    """``select/*`` metrics from reduced ``selection_sums`` (empty without them); see ``finalize``."""
+    if "sum/select/count" not in sums:
+        return {}
+    count, s2t, overlap = sums["sum/select/count"], sums["sum/select/s2t"], sums["sum/select/overlap"]
+    out = {"select/count": count, "select/non_positive/count": sums["sum/select/non_positive"],
+           "select/s2t/count": s2t, "select/s2t_overlap/count": overlap}
+    for name in QUADRANTS:
+        out[f"select/quadrant/{name}/count"] = sums[f"sum/select/quadrant/{name}"]
+    ratios = {"select/fraction": (count, sums["sum/select/valid"]),
+              "select/s2t_overlap/of_selected": (overlap, count), "select/s2t_overlap/of_s2t": (overlap, s2t)}
+    ratios.update({f"select/quadrant/{q}/fraction": (sums[f"sum/select/quadrant/{q}"], count) for q in QUADRANTS})
+    out.update({k: num / den for k, (num, den) in ratios.items() if den > 0})
+    return out
+
+
 def _check_shapes(named: Mapping[str, torch.Tensor | None], like: torch.Tensor) -> None:
     for name, t in named.items():
         if t is not None and t.shape != like.shape:
@@ -178,10 +226,7 @@ def token_fields(
         silenced = s2t_mask(logprobs, entropy, advantages, response_mask, cfg.prob_threshold,
                             cfg.entropy_quantile, cfg.entropy_threshold)
     silenced = silenced.bool() & valid
-    high_p = prob >= cfg.prob_threshold
-    high_h = ent >= tau  # False everywhere when tau is nan, but then no token is positive
-    code = 2 * high_p.long() + high_h.long()
-    quadrant = torch.where(positive, code, torch.full_like(code, -1))
+    quadrant = quadrant_codes(prob, ent, positive, cfg.prob_threshold, tau)
     weight = theory.surrogate_weight(logprobs, old_logprobs, advantages, clip_low=cfg.clip_low,
                                      clip_high=cfg.clip_high, clip_ratio_c=cfg.clip_ratio_c)
     weight = torch.where(valid, weight, torch.zeros_like(weight))
@@ -221,7 +266,7 @@ def _max(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float(x[mask].max()) if bool(mask.any()) else 0.0
 
 
-def sums_from_fields(f: TokenFields, entropy: torch.Tensor) -> dict[str, float]:
+def sums_from_fields(f: TokenFields, entropy: torch.Tensor, selected: torch.Tensor | None = None) -> dict[str, float]:
     """The additive statistics of ``token_diagnostic_sums`` from precomputed ``TokenFields``."""
     pos = f.positive
     out = {
@@ -252,6 +297,8 @@ def sums_from_fields(f: TokenFields, entropy: torch.Tensor) -> dict[str, float]:
         out[f"sum/quadrant/{name}"] = float(in_q.sum())
         out[f"sum/grad_norm/{name}"] = _sum(f.grad_norm, in_q)
         out[f"max/grad_norm/{name}"] = _max(f.grad_norm, in_q)
+    if selected is not None:
+        out.update(selection_sums(selected, f.valid, f.quadrant, f.silenced))
     return out
 
 
@@ -272,13 +319,17 @@ def token_diagnostic_sums(
     entropy_quantile: float = QUANTILE,
     silenced: torch.Tensor | None = None,
     p2logp: torch.Tensor | None = None,
+    selected: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Reducible statistics of one (micro-)batch: ``sum/*`` keys add up, ``max/*`` keys take the max."""
+    """Reducible statistics of one (micro-)batch: ``sum/*`` keys add up, ``max/*`` keys take the max.
+
+    ``selected`` [B, T]: the tokens the training objective acts on (``MinibatchPlan.selected``), for
+    the ``select/*`` metrics."""
     cfg = DiagnosticsConfig(vocab_size, prob_threshold, entropy_quantile, entropy_threshold,
                             clip_low, clip_high, clip_ratio_c)
     fields = token_fields(logprobs, entropy, collision, advantages, old_logprobs, response_mask, cfg,
                           silenced=silenced, p2logp=p2logp)
-    return sums_from_fields(fields, entropy.detach())
+    return sums_from_fields(fields, entropy.detach(), selected)
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -298,6 +349,10 @@ def finalize(sums: Mapping[str, float]) -> dict[str, float]:
       the squared norm of the gradient w.r.t. all logits (positions are separate logits, so it adds up)
     - diag/silenced/grad_norm_share: the same with per-token norms ‖∇_z J‖
     - diag/entropy/mean, diag/entropy_threshold (τ_h used), diag/bounds/violations (should stay 0)
+    - select/* (with ``selected``): the tokens the objective acts on (S2T's silenced, 20-Entropy's kept,
+      Clip-Cov's detached, KL-Cov's penalised): select/{count,fraction} (of valid tokens),
+      select/quadrant/<q>/{count,fraction} (of the selected), select/non_positive/count (A ≤ 0: no
+      quadrant), select/s2t/count (S2T's set), select/s2t_overlap/{count,of_selected,of_s2t}
     """
     s = dict(sums)
     pos = s.get("sum/pos", 0.0)
@@ -325,6 +380,7 @@ def finalize(sums: Mapping[str, float]) -> dict[str, float]:
     put("diag/entropy/mean", _ratio(s.get("sum/entropy", 0.0), s.get("sum/valid", 0.0)))
     put("diag/entropy_threshold", _ratio(s.get("sum/tau", 0.0), s.get("sum/tau_n", 0.0)))
     out["diag/bounds/violations"] = s.get("sum/bound_violations", 0.0)
+    out.update(finalize_selection(s))
     return out
 
 
@@ -345,18 +401,19 @@ def token_diagnostics(
     entropy_quantile: float = QUANTILE,
     silenced: torch.Tensor | None = None,
     p2logp: torch.Tensor | None = None,
+    selected: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """The ``diag/*`` metrics of one step computed in one call (see ``finalize`` for the keys).
+    """The ``diag/*`` (and, with ``selected``, ``select/*``) metrics of one step in one call (see ``finalize``).
 
     Shapes: logprobs, entropy, collision (Σπ²), old_logprobs, response_mask, silenced, p2logp
-    (Σπ² log π, optional: enables ``diag/entropy_up/exact_fraction``) [B, T]; advantages [B] or [B, T].
+    (Σπ² log π, optional: enables ``diag/entropy_up/exact_fraction``), selected [B, T]; advantages [B] or [B, T].
     For micro-batched steps use ``DiagnosticsAccumulator`` instead.
     """
     return finalize(token_diagnostic_sums(
         logprobs, entropy, collision, advantages, old_logprobs, response_mask, vocab_size=vocab_size,
         clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, prob_threshold=prob_threshold,
         entropy_threshold=entropy_threshold, entropy_quantile=entropy_quantile, silenced=silenced,
-        p2logp=p2logp,
+        p2logp=p2logp, selected=selected,
     ))
 
 

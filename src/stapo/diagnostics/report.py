@@ -10,8 +10,9 @@ optionally ``config.yaml``. Output (default ``RUN_DIR/analysis``): ``report.md``
     grad_norm_hist.png      ‖∇_z J‖ histograms per quadrant (all dumps)
     entropy.png             entropy over training with the predicted entropy-up fractions overlaid
 
-Nothing here depends on the objective: the silenced columns of a GRPO run are what S2T would
-have silenced. Plots use matplotlib's object API with the Agg canvas (no display, no global state).
+Nothing but the "Tokens the objective acts on" section depends on the objective: the silenced
+columns of a GRPO run are what S2T would have silenced; that section shows ``select/*``, the tokens
+a selecting objective (stapo, entropy20, clip_cov, kl_cov) acted on. Plots use matplotlib's object API with the Agg canvas (no display, no global state).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import numpy as np
 from ..objectives.masks import TAU_P
 from .cli import NO_DUMPS
 from .dumps import list_dumps, read_rollouts
-from .metrics import QUADRANTS
+from .metrics import QUADRANTS, finalize_selection, selection_sums
 
-__all__ = ["load_metrics", "low_p_share", "top_silenced_tokens", "write_report"]
+__all__ = ["dump_selection", "load_metrics", "low_p_share", "top_silenced_tokens", "write_report"]
 
 COLORS = {"low_p_low_h": "#d62728", "low_p_high_h": "#ff7f0e", "high_p_low_h": "#1f77b4", "high_p_high_h": "#2ca02c"}
 LABELS = {
@@ -293,6 +294,52 @@ def _low_p_section(share: dict | None) -> list[str]:
     ]
 
 
+def dump_selection(table) -> dict[str, float] | None:
+    """The ``select/*`` metrics (``finalize_selection``) of the dumps' ``selected`` tokens, by the same
+    ``selection_sums`` as the trainer, over the dumps' own quadrants and S2T set; None if no dump has them."""
+    import torch
+
+    if "selected" not in table.column_names:
+        return None
+    d = table.select(["selected", "valid", "quadrant", "silenced"]).to_pydict()
+    rows = [i for i, x in enumerate(d["selected"]) if x is not None]
+    if not rows:
+        return None
+    code = {q: i for i, q in enumerate(QUADRANTS)}
+
+    def column(name, fn=bool):
+        return torch.tensor([fn(d[name][i]) for i in rows])
+
+    sums = selection_sums(column("selected"), column("valid"), column("quadrant", lambda q: code.get(q, -1)),
+                          column("silenced"))
+    return finalize_selection(sums)
+
+
+def _selection_section(rows: list[dict], table) -> list[str]:
+    """What the objective acts on, from the latest ``select/*`` row of metrics.jsonl and from the dumps."""
+    last = next((r for r in reversed(rows) if "select/count" in r), {})
+    dumped = dump_selection(table) if table is not None else None
+    if not last and dumped is None:
+        return ["The objective selects no tokens (or the trainer logged no `select/*` metrics)."]
+    action = (_dump_meta(table).get("action") if table is not None else None) or "selected"
+    keys = (["select/count", "select/fraction"]
+            + [f"select/quadrant/{q}/{k}" for q in QUADRANTS for k in ("count", "fraction")]
+            + ["select/non_positive/count", "select/s2t/count", "select/s2t_overlap/count",
+               "select/s2t_overlap/of_selected", "select/s2t_overlap/of_s2t"])
+
+    def cell(src, key):
+        return f"{src[key]:.4g}" if src and isinstance(src.get(key), (int, float)) else "–"
+
+    step = f"step {last['step']}" if last else "no step"
+    intro = (f"Tokens the objective acts on (**{action}**): their share of valid tokens, their p × H quadrants "
+             "(the cuts above; `non_positive`: A ≤ 0, outside the quadrants) and their overlap with the set "
+             "S2T silences at its settings on the same tokens (`of_selected`: share of this set; `of_s2t`: "
+             "share of S2T's).")
+    lines = [intro, "", f"| metric | metrics.jsonl ({step}) | all dumps |", "|---|---|---|"]
+    lines += [f"| `{k}` | {cell(last, k)} | {cell(dumped, k)} |" for k in keys]
+    return lines
+
+
 def _md_text(s: str) -> str:
     """Text safe inside a Markdown table cell: escapes shown, pipes escaped, in a code span."""
     body = json.dumps(s, ensure_ascii=False)[1:-1].replace("|", "\\|")
@@ -375,6 +422,7 @@ def write_report(
     image("Entropy over training", plot_entropy(rows, out / "entropy.png"),
           "Mean token entropy with the fraction of positive-advantage tokens predicted to raise it.")
 
+    md += ["## Tokens the objective acts on", ""] + _selection_section(rows, table) + [""]
     md += ["## Low-probability tokens in correct vs incorrect responses", ""]
     md += (_low_p_section(low_p_share(table)) if table is not None else [f"No rollout dumps ({NO_DUMPS})."]) + [""]
     md += ["## Top silenced tokens", ""]

@@ -161,6 +161,7 @@ def _entropy20_overrides(cfg, stats, gather):
     denominator_mask=_entropy20_denominator,
     minibatch_overrides=_entropy20_overrides,
     policy_statistics=True,
+    action="kept",
 )
 def entropy20(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy, keep_mask=None, **kw):
     """Beyond the 80/20 rule: the `justrl` loss on the top ``top_ratio`` tokens by entropy only.
@@ -199,6 +200,7 @@ def _stapo_overrides(cfg, stats, gather):
     keep_mask=_stapo_kept,
     minibatch_overrides=_stapo_overrides,
     policy_statistics=True,
+    action="silenced",
 )
 def stapo(cfg, logprobs, old_logprobs, advantages, response_mask, *, entropy, keep_mask=None, **kw):
     """STAPO (arXiv 2602.15620): `justrl` × S2T keep-mask, token-mean over valid, unsilenced tokens.
@@ -358,7 +360,7 @@ def _detached_surrogate(keep, logprobs, old_logprobs, advantages, cfg, valid):
 
 
 @register_objective("clip_cov", ClipCovConfig, keep_mask=_one_batch(_clip_cov_choose), select=_scoped(_clip_cov_choose),
-                    denominator_mask=_all_valid, policy_statistics=True)
+                    denominator_mask=_all_valid, policy_statistics=True, action="detached")
 def clip_cov(cfg, logprobs, old_logprobs, advantages, response_mask, *, keep_mask=None, **kw):
     """Clip-Cov (arXiv 2505.22617): the clipped surrogate with a few high-covariance tokens' gradient
     detached; normalised over all valid tokens (verl). ``keep_mask``: the tokens that keep their
@@ -385,7 +387,7 @@ def _kl_cov_surrogate(penalised, logprobs, old_logprobs, advantages, cfg, valid)
 
 
 @register_objective("kl_cov", KLCovConfig, keep_mask=_one_batch(_kl_cov_choose), select=_scoped(_kl_cov_choose),
-                    denominator_mask=_all_valid, policy_statistics=True)
+                    denominator_mask=_all_valid, policy_statistics=True, action="penalised")
 def kl_cov(cfg, logprobs, old_logprobs, advantages, response_mask, *, keep_mask=None, **kw):
     """KL-Cov (arXiv 2505.22617): −A·ρ with β·|log π − log π_old| on the top-covariance tokens.
     ``keep_mask``: those penalised tokens, from the planner; None = chosen on this batch alone (verl)."""

@@ -7,7 +7,9 @@
 2. each micro-batch's keep mask under that config, computed once, so the numerator and the
    denominator use the same tokens (all at once by the objective's ``select`` for a selection over
    the whole mini-batch that is not a threshold: Clip-Cov's count, KL-Cov's top-k);
-3. the global denominator: the loss units (tokens or sequences) summed over micro-batches, then
+3. the tokens the objective acts on (``Objective.selected``: S2T's silenced, Clip-Cov's detached,
+   ...), per micro-batch, for the diagnostics (``stapo.diagnostics.metrics.selection_sums``);
+4. the global denominator: the loss units (tokens or sequences) summed over micro-batches, then
    over ranks (``all_reduce``).
 
 ``gather`` concatenates a 1-D tensor over ranks and ``all_reduce`` sums a number over ranks; both
@@ -41,6 +43,7 @@ class MinibatchPlan:
     keep_masks: list[torch.Tensor | None]  # per micro-batch [b, T] bool; None = all valid tokens (no keep mask)
     local_units: int  # units (tokens or sequences) this rank's micro-batches normalise over
     denominator: float  # ``local_units`` summed over all ranks: the loss's global normaliser
+    selected: list[torch.Tensor] | None = None  # per micro-batch [b, T] bool: the tokens acted on; None: no action
 
 
 def plan_minibatch(spec: Objective, config: Any, stats: Sequence[TokenStats], *,
@@ -61,4 +64,7 @@ def plan_minibatch(spec: Objective, config: Any, stats: Sequence[TokenStats], *,
                 else objective_keep_mask(spec, config, s.logprobs, s.entropy, s.advantages, s.response_mask))
         units += count_units(denominator_token_mask(spec, config, keep, s.response_mask), config.loss_agg_mode)
         keeps.append(keep if spec.keep_mask is not None else None)
-    return MinibatchPlan(config, overrides, keeps, units, all_reduce(units))
+    chosen = None
+    if spec.action is not None:
+        chosen = [spec.selected(k, s.response_mask) for k, s in zip(keeps, stats)]
+    return MinibatchPlan(config, overrides, keeps, units, all_reduce(units), chosen)

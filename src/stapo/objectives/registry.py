@@ -18,6 +18,10 @@ free of per-objective branches:
   instead of ``keep_mask`` per micro-batch. A keep mask may also mark the tokens an extra term
   acts on (KL-Cov's penalised tokens); ``denominator_mask`` then says what the loss is normalised over.
 
+``action`` names what a token-selecting objective does to the tokens it selects, for the
+diagnostics (``stapo.diagnostics.metrics.selection_sums``): ``ACTIONS`` says whether those are the tokens its
+keep mask drops (S2T's silenced, Clip-Cov's detached) or keeps (20-Entropy's, KL-Cov's penalised).
+
 ``policy_statistics`` says whether those hooks read a policy's log-probs / entropy
 (S2T, 20-Entropy) rather than only the rollout policy's and the teacher's (DASD):
 only then does the trainer need a policy's statistics before the loss.
@@ -31,6 +35,9 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
+
+# what a selecting objective does to its selected tokens -> are they the keep mask's kept or dropped ones
+ACTIONS = {"silenced": "dropped", "detached": "dropped", "kept": "kept", "penalised": "kept"}
 
 
 class TokenStats(NamedTuple):
@@ -56,6 +63,14 @@ class Objective:
     denominator_mask: Callable[..., torch.Tensor] | None = None  # None: normalise over the keep mask
     policy_statistics: bool = False  # the hooks read a policy's log-probs / entropy (not only old / teacher)
     select: Callable[..., list[torch.Tensor]] | None = None  # all micro-batches' keep masks at once
+    action: str | None = None  # a key of ACTIONS: the objective selects tokens; None: it does not
+
+    def selected(self, keep: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor | None:
+        """The valid tokens this objective acts on [B, T] bool, from its keep mask; None without ``action``."""
+        if self.action is None:
+            return None
+        valid = response_mask.bool()
+        return valid & keep.bool() if ACTIONS[self.action] == "kept" else valid & ~keep.bool()
 
     def config(self, **overrides) -> Any:
         """The paper defaults with ``overrides`` applied; unknown keys are an error that lists the valid ones."""
@@ -83,14 +98,17 @@ def register_objective(
     denominator_mask: Callable[..., torch.Tensor] | None = None,
     policy_statistics: bool = False,
     select: Callable[..., list[torch.Tensor]] | None = None,
+    action: str | None = None,
 ):
     """Decorator: add ``fn`` to the registry under ``name``. A duplicate name is an error."""
 
     def decorate(fn):
         if name in _REGISTRY:
             raise ValueError(f"objective {name!r} is already registered")
+        if action is not None and (action not in ACTIONS or keep_mask is None):
+            raise ValueError(f"objective {name!r}: action must be one of {sorted(ACTIONS)} with a keep mask")
         _REGISTRY[name] = Objective(name, fn, config_cls, needs_entropy, keep_mask, minibatch_overrides,
-                                    needs_teacher, denominator_mask, policy_statistics, select)
+                                    needs_teacher, denominator_mask, policy_statistics, select, action)
         return fn
 
     return decorate

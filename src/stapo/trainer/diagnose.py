@@ -3,6 +3,8 @@
 They describe the step's rollouts under the rollout policy (``old_logprobs``, its entropy
 and collision probability, ρ = 1), split into the same optimizer mini-batches as the
 update so τ_h is the one S2T uses. A GRPO run therefore shows what STAPO would silence.
+A token-selecting objective's ``select/*`` metrics read the tokens its plan acted on in the
+step's first sweep (``batch.selected``, left by ``update_policy``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..objectives.training import TrainingObjective
 class StepDiagnostics:
     def __init__(self, cfg, objective: TrainingObjective, vocab_size: int, ctx: DistContext = LOCAL):
         self.enabled = cfg.diagnostics.enabled
-        self.vocab_size, self.ctx = vocab_size, ctx
+        self.vocab_size, self.ctx, self.action = vocab_size, ctx, objective.spec.action
         self.rows = cfg.optim.mini_batch_prompts // ctx.world_size * cfg.rollout.n
         obj_cfg = objective.config  # the run's, built once by the loop
         # quadrant cuts default to the S2T settings; a stapo run's own τ_p / q take precedence
@@ -38,7 +40,8 @@ class StepDiagnostics:
             )
             acc.add(mb.old_logprobs, mb.old_entropy, mb.old_collision, mb.advantages, mb.old_logprobs,
                     mb.response_mask, vocab_size=self.vocab_size, prob_threshold=self.prob_threshold,
-                    entropy_threshold=tau, entropy_quantile=self.entropy_quantile, **self.clip)
+                    entropy_threshold=tau, entropy_quantile=self.entropy_quantile, selected=mb.selected,
+                    **self.clip)
         if self.ctx.world_size > 1:
             import torch.distributed as dist
 
@@ -57,4 +60,5 @@ class StepDiagnostics:
             return
         dump_rollouts(path, batch, step=step, logprobs=batch.old_logprobs, entropy=batch.old_entropy,
                       collision=batch.old_collision, tokenizer=tokenizer, vocab_size=self.vocab_size,
-                      prob_threshold=self.prob_threshold, entropy_quantile=self.entropy_quantile, **self.clip)
+                      prob_threshold=self.prob_threshold, entropy_quantile=self.entropy_quantile,
+                      selected=batch.selected, action=self.action, **self.clip)

@@ -21,7 +21,7 @@ from ..objectives.training import MinibatchPlan, TrainingObjective
 from ..rollout import SamplingConfig, collate_rollouts
 
 # metrics that add up over micro-batches instead of averaging
-SUM_METRICS = {"s2t/candidates", "s2t/silenced"}
+SUM_METRICS = {"s2t/candidates", "s2t/silenced", "clip_cov/detached", "kl_cov/penalised"}
 
 
 class ProblemSampler:
@@ -242,6 +242,7 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
                          f"{len(batch)} rows in mini-batches of {rows} needs them before the loss "
                          "(old_stats_from_update); run compute_old_logprobs first")
     metrics, outcomes = MetricMean(), {"stepped": 0, "nonfinite": 0, "vetoed": 0}
+    selected = []
     sweeps = (gate.max_passes if gate is not None else 1) * cfg.optim.ppo_epochs  # DGG reuses K passes
     for sweep in range(sweeps):
         for mb in batch.split(rows):
@@ -249,6 +250,8 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
             # (1) plan the mini-batch: statistics -> thresholds, keep masks, global denominator
             plan, denominator = plan_minibatch(model, objective, micros, cfg.rollout.temperature,
                                                params_fresh=params_fresh, ctx=ctx)
+            if sweep == 0 and plan.selected is not None:  # for the diagnostics' select/* metrics
+                selected += [x.cpu() for x in plan.selected]
             # (2) accumulate gradients; each micro-batch loss is already divided by the global count
             optimizer.zero_grad(set_to_none=True)
             loss_total, scored = accumulate_gradients(model, objective, plan, denominator, micros, cfg, ctx,
@@ -267,6 +270,7 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
                 break
         if outcomes["vetoed"]:
             break
+    batch.selected = torch.cat(selected) if selected else None
     out = metrics.result()
     out.update({"train/optimizer_steps": outcomes["stepped"], "train/nonfinite_skipped": outcomes["nonfinite"]})
     if gate is not None:
