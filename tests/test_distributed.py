@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from helpers.pairs import workers
 
 HELPER = Path(__file__).parent / "helpers" / "dist_update.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
@@ -28,11 +31,11 @@ def _run(cmd, **kw):
 
 @pytest.fixture(scope="module")
 def single_process(tiny_model_dir, tmp_path_factory):
-    out = {}
-    for objective in ("stapo", "entropy20"):
-        d = tmp_path_factory.mktemp(f"single_{objective}")
-        _run([sys.executable, str(HELPER), str(tiny_model_dir), str(d), "none", objective, "2"])
-        out[objective] = d
+    """The one-process reference of each objective; the two, each on one thread, side by side."""
+    out = {objective: tmp_path_factory.mktemp(f"single_{objective}") for objective in ("stapo", "entropy20")}
+    with ThreadPoolExecutor(max_workers=workers()) as pool:
+        list(pool.map(lambda o: _run([sys.executable, str(HELPER), str(tiny_model_dir), str(out[o]), "none", o, "2"]),
+                      out))
     return out
 
 
@@ -68,8 +71,9 @@ def _train_cmd(model_dir, out, steps, strategy, *extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_torchrun_train_and_exact_resume(strategy, tiny_model_dir, tmp_path):
-    _run(_train_cmd(tiny_model_dir, tmp_path / "a", 4, strategy))
-    _run(_train_cmd(tiny_model_dir, tmp_path / "b", 2, strategy))
+    with ThreadPoolExecutor(max_workers=workers()) as pool:  # the two jobs are independent: side by side
+        list(pool.map(_run, [_train_cmd(tiny_model_dir, tmp_path / "a", 4, strategy),
+                             _train_cmd(tiny_model_dir, tmp_path / "b", 2, strategy)]))
     resume = [*TORCHRUN, "-m", "stapo", "train", "--resume", str(tmp_path / "b" / "run"), "steps=4", "--quiet"]
     _run(resume)
 

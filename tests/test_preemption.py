@@ -65,12 +65,16 @@ def resume(run_dir: Path, step: int, cmd=(sys.executable,), env=ENV) -> subproce
 
 
 def stop_and_resume(tiny_model_dir, out: Path, sig, to_group):
-    """Stop a run with ``sig`` at step 2, then resume the step it saved (if it saved one) for one more."""
+    """Stop a run with ``sig`` at step 2; what it left (the saved step, the steps logged, the checkpoint's
+    problems: None if it saved nothing); then resume that step for one more."""
     run_dir = out / "run"
     proc = start(tiny_model_dir, out)
     send = os.killpg if to_group else os.kill  # the group: the reward workers too
     err = stop_when(proc, at_step(run_dir, 2), lambda: send(proc.pid, sig))
-    return proc, err, resume(run_dir, saved_step(run_dir)) if checkpoint_dirs(run_dir) else None
+    if not checkpoint_dirs(run_dir):
+        return proc, err, None, None
+    left = saved_step(run_dir), steps_of(run_dir), verify_checkpoint(checkpoint_dirs(run_dir)[-1])
+    return proc, err, left, resume(run_dir, left[0])
 
 
 def second_signal(tiny_model_dir, out: Path) -> tuple[subprocess.Popen, str]:
@@ -112,13 +116,14 @@ def runs(request, tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize(("sig", "to_group"), [(signal.SIGTERM, False), (signal.SIGTERM, True),
                                                (signal.SIGHUP, False)])
 def test_a_stop_signal_saves_the_step_in_flight_and_resume_continues(runs, request, sig, to_group):
-    out, (proc, err, resumed) = runs[request.node.name].result()
+    out, (proc, err, left, resumed) = runs[request.node.name].result()
     run_dir = out / "run"
     assert proc.returncode == 128 + sig, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    step = saved_step(run_dir)
-    assert max(steps_of(run_dir)) == step >= 2  # at most the step in flight is lost: none here, it finished
-    assert verify_checkpoint(checkpoint_dirs(run_dir)[-1]) == []
+    assert left is not None, f"no checkpoint saved\n{err[-3000:]}"
+    step, steps, problems = left
+    assert max(steps) == step >= 2  # at most the step in flight is lost: none here, it finished
+    assert problems == []
     name = signal.Signals(sig).name
     assert f"{name}: finishing this step" in err
     assert (f"stapo train: interrupted by {name}: checkpoint saved at step {step}; "
