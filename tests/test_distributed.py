@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from helpers.pairs import workers
 
 HELPER = Path(__file__).parent / "helpers" / "dist_update.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
@@ -26,23 +29,41 @@ def _run(cmd, **kw):
     return proc
 
 
+OBJECTIVES = ("stapo", "entropy20")
+
+
+def _updates(tiny_model_dir, out, strategy: str) -> Path:
+    """Every objective's update in one start-up: alone ("none") or as two ranks (OUT/OBJECTIVE)."""
+    launch = [sys.executable] if strategy == "none" else TORCHRUN
+    _run([*launch, str(HELPER), str(tiny_model_dir), str(out), strategy, ",".join(OBJECTIVES), "2"])
+    return out
+
+
 @pytest.fixture(scope="module")
 def single_process(tiny_model_dir, tmp_path_factory):
-    out = {}
-    for objective in ("stapo", "entropy20"):
-        d = tmp_path_factory.mktemp(f"single_{objective}")
-        _run([sys.executable, str(HELPER), str(tiny_model_dir), str(d), "none", objective, "2"])
-        out[objective] = d
-    return out
+    return _updates(tiny_model_dir, tmp_path_factory.mktemp("single"), "none")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model_dir, tmp_path_factory):
+    """By strategy, the folder of its two-rank job, run on first use."""
+    done = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in done:
+            done[strategy] = _updates(tiny_model_dir, tmp_path_factory.mktemp(f"two_{strategy}"), strategy)
+        return done[strategy]
+
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("objective", ["stapo", "entropy20"])
-def test_two_ranks_equal_one_process(strategy, objective, single_process, tiny_model_dir, tmp_path):
-    _run([*TORCHRUN, str(HELPER), str(tiny_model_dir), str(tmp_path), strategy, objective, "2"])
-    ref = load_file(str(single_process[objective] / "params.safetensors"))
-    got = load_file(str(tmp_path / "params.safetensors"))
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_two_ranks_equal_one_process(strategy, objective, single_process, two_ranks, tiny_model_dir):
+    got_dir, ref_dir = two_ranks(strategy) / objective, single_process / objective
+    ref = load_file(str(ref_dir / "params.safetensors"))
+    got = load_file(str(got_dir / "params.safetensors"))
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     moved = max(float((ref[k] - base[k].double()).abs().max()) for k in ref)
     assert moved > 1e-3, "the reference update did nothing"
@@ -50,9 +71,9 @@ def test_two_ranks_equal_one_process(strategy, objective, single_process, tiny_m
         err = float((got[k] - ref[k]).norm() / ref[k].norm().clamp(min=1e-30))
         assert err < 1e-6, f"{strategy}/{objective}: {k} differs from the single-process update by {err:.2e}"
     # the global thresholds are bitwise identical on both ranks and equal the single-process ones
-    t0 = json.loads((tmp_path / "thresholds_rank0.json").read_text())
-    t1 = json.loads((tmp_path / "thresholds_rank1.json").read_text())
-    single = json.loads((single_process[objective] / "thresholds_rank0.json").read_text())
+    t0 = json.loads((got_dir / "thresholds_rank0.json").read_text())
+    t1 = json.loads((got_dir / "thresholds_rank1.json").read_text())
+    single = json.loads((ref_dir / "thresholds_rank0.json").read_text())
     assert t0 == t1
     assert [float.fromhex(x) for x in t0] == pytest.approx([float.fromhex(x) for x in single], rel=1e-9)
 
@@ -68,8 +89,9 @@ def _train_cmd(model_dir, out, steps, strategy, *extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_torchrun_train_and_exact_resume(strategy, tiny_model_dir, tmp_path):
-    _run(_train_cmd(tiny_model_dir, tmp_path / "a", 4, strategy))
-    _run(_train_cmd(tiny_model_dir, tmp_path / "b", 2, strategy))
+    with ThreadPoolExecutor(max_workers=workers()) as pool:  # the two jobs are independent: side by side
+        list(pool.map(_run, [_train_cmd(tiny_model_dir, tmp_path / "a", 4, strategy),
+                             _train_cmd(tiny_model_dir, tmp_path / "b", 2, strategy)]))
     resume = [*TORCHRUN, "-m", "stapo", "train", "--resume", str(tmp_path / "b" / "run"), "steps=4", "--quiet"]
     _run(resume)
 

@@ -183,23 +183,37 @@ def run_in(cwd: Path, cmd: list[str], timeout: int = 300) -> subprocess.Complete
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_model_dir) -> Path:
-    """The files the docs name that a reader brings: their data, a run to resume and analyze, a config."""
+def world(tmp_path_factory) -> Path:
+    """The files the docs name that a reader brings: their data and a config (their run: `add_run`)."""
     path = tmp_path_factory.mktemp("doc_world")
     (path / "my.yaml").write_text((ROOT / "configs" / "demo.yaml").read_text())
     for entry in REPO_ENTRIES:
         (path / entry).symlink_to(ROOT / entry)
-    short = SHORTEN["stapo train"].format(tiny=tiny_model_dir).split()
-    steps = [["stapo", "data", "convert", "math500", "dapo-math-17k.parquet", "--limit", "16"],
-             ["stapo", "train", "data.train=demo", "output_dir=runs", f"run_name={RUN_NAMES[0]}", *short]]
-    for cmd in steps:
-        proc = run_in(path, cmd)
-        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    for name in RUN_NAMES[1:]:
-        shutil.copytree(path / "runs" / RUN_NAMES[0], path / "runs" / name, symlinks=True)
+    cmd = ["stapo", "data", "convert", "math500", "dapo-math-17k.parquet", "--limit", "16"]
+    proc = run_in(path, cmd)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     for entry in REPO_ENTRIES:
         (path / entry).unlink()
     return path
+
+
+def add_run(world: Path, tiny: Path, work: Path) -> None:
+    """The run the docs resume and analyze, trained in ``work`` and moved (at once) into the world's runs/,
+    beside the blocks that name no run (`names_a_run`), which need none and run meanwhile."""
+    work.mkdir()
+    for entry in REPO_ENTRIES:
+        (work / entry).symlink_to(ROOT / entry)
+    short = SHORTEN["stapo train"].format(tiny=tiny).split()
+    cmd = ["stapo", "train", "data.train=demo", "output_dir=runs", f"run_name={RUN_NAMES[0]}", *short]
+    proc = run_in(work, cmd)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    for name in RUN_NAMES[1:]:
+        shutil.copytree(work / "runs" / RUN_NAMES[0], work / "runs" / name, symlinks=True)
+    (work / "runs").rename(world / "runs")
+
+
+def names_a_run(block: Block) -> bool:
+    return any(name in block.text for name in RUN_NAMES)
 
 
 def run_block(block: Block, world: Path, tiny: Path, cwd: Path) -> subprocess.CompletedProcess:
@@ -233,12 +247,20 @@ def selected_blocks(items) -> list[Block]:
 @pytest.fixture(scope="module")
 def results(request, world, tiny_model_dir, tmp_path_factory) -> dict:
     """The selected unmarked blocks, run once per text (README and docs/ repeat some), two at a
-    time: each runs one torch thread, so two share a 2-core machine without contending."""
+    time: each runs one torch thread, so two share a 2-core machine without contending. The world's
+    run is trained first, beside the blocks that name no run; those that name one wait for it."""
     todo = {(b.lang, b.text): b for b in selected_blocks(request.session.items)}
     base = tmp_path_factory.mktemp("doc_blocks")
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
-        futures = {key: pool.submit(run_block, b, world, tiny_model_dir, base / f"block{i}")
-                   for i, (key, b) in enumerate(todo.items())}
+        later = {key for key, b in todo.items() if names_a_run(b)}
+        run = pool.submit(add_run, world, tiny_model_dir, base / "world_run") if later else None
+
+        def job(b: Block, cwd: Path) -> subprocess.CompletedProcess:
+            if names_a_run(b):
+                run.result()  # queued after the run's job, so it is running or done
+            return run_block(b, world, tiny_model_dir, cwd)
+
+        futures = {key: pool.submit(job, b, base / f"block{i}") for i, (key, b) in enumerate(todo.items())}
         return {key: f.result() for key, f in futures.items()}
 
 

@@ -9,10 +9,12 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from helpers.pairs import workers
 from stapo.data import load_json
 from stapo.data.records import DataError
 from stapo.errors import UserError
@@ -190,17 +192,20 @@ def test_hub_id_without_network_is_one_line_in_train_and_eval(offline_hub, tiny_
         return proc, time.monotonic() - t0
 
     out = tmp_path / "runs"
-    # the same start-up, then a local folder that is not a model: the time a fast refusal takes here
+    # the same start-up, then a local folder that is not a model: the time a fast refusal takes here;
+    # the four side by side, two at a time (each one thread), so each pair is timed under the same load
     (tmp_path / "empty").mkdir()
-    baseline, base_s = timed("train", *tiny_args(tmp_path / "empty", out, "steps=1", "data.heldout=null"))
+    with ThreadPoolExecutor(max_workers=workers()) as pool:
+        (baseline, base_s), (hub, hub_s), (offline, _), (ev, ev_s) = pool.map(lambda a: timed(*a[0], **a[1]), [
+            (("train", *tiny_args(tmp_path / "empty", out, "steps=1", "data.heldout=null")), {}),
+            (("train", *tiny_args(NO_SUCH_HUB_ID, out, "steps=1", "data.heldout=null")), {}),
+            (("train", *tiny_args(NO_SUCH_HUB_ID, out, "steps=1")), {"HF_HUB_OFFLINE": "1"}),
+            (("eval", "--model", NO_SUCH_HUB_ID, "--benchmarks", "amc23", "--limit", "1", "--out", tmp_path / "eval"),
+             {})])
     one_line_error(baseline, "is a folder but not a model")
-    hub, hub_s = timed("train", *tiny_args(NO_SUCH_HUB_ID, out, "steps=1", "data.heldout=null"))
     one_line_error(hub, f"stapo train: error: model.name_or_path={NO_SUCH_HUB_ID}: not a local folder", "cannot be reached")
     assert hub_s < base_s + 10, f"the hub id took {hub_s:.0f} s, a local refusal {base_s:.0f} s"
-    offline, _ = timed("train", *tiny_args(NO_SUCH_HUB_ID, out, "steps=1"), HF_HUB_OFFLINE="1")
     one_line_error(offline, "(HF_HUB_OFFLINE is set)")
-    ev, ev_s = timed("eval", "--model", NO_SUCH_HUB_ID, "--benchmarks", "amc23", "--limit", "1",
-                     "--out", tmp_path / "eval")
     one_line_error(ev, f"stapo eval: error: --model={NO_SUCH_HUB_ID}: not a local folder", "cannot be reached")
     assert ev_s < base_s + 10, f"eval took {ev_s:.0f} s"
     assert not out.exists()

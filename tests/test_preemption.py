@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.pairs import prefetch
 from stapo.trainer.checkpoint import checkpoint_dirs, verify_checkpoint
 from stapo.trainer.rundir import RunLock
 from test_reliability import ENV, steps_of, tiny_args
@@ -58,44 +59,100 @@ def saved_step(run_dir: Path) -> int:
     return int(checkpoint_dirs(run_dir)[-1].name.split("_")[1])
 
 
-@pytest.mark.parametrize(("sig", "to_group"), [(signal.SIGTERM, False), (signal.SIGTERM, True),
-                                               (signal.SIGHUP, False)])
-def test_a_stop_signal_saves_the_step_in_flight_and_resume_continues(tiny_model_dir, tmp_path, sig, to_group):
-    run_dir = tmp_path / "run"
-    proc = start(tiny_model_dir, tmp_path)
+def resume(run_dir: Path, step: int, cmd=(sys.executable,), env=ENV) -> subprocess.CompletedProcess:
+    return subprocess.run([*cmd, "-m", "stapo", "train", "--quiet", "--resume", str(run_dir), f"steps={step + 1}"],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def stop_and_resume(tiny_model_dir, out: Path, sig, to_group):
+    """Stop a run with ``sig`` at step 2; what it left (the saved step, the steps logged, the checkpoint's
+    problems: None if it saved nothing); then resume that step for one more."""
+    run_dir = out / "run"
+    proc = start(tiny_model_dir, out)
     send = os.killpg if to_group else os.kill  # the group: the reward workers too
     err = stop_when(proc, at_step(run_dir, 2), lambda: send(proc.pid, sig))
-    assert proc.returncode == 128 + sig, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    step = saved_step(run_dir)
-    assert max(steps_of(run_dir)) == step >= 2  # at most the step in flight is lost: none here, it finished
-    assert verify_checkpoint(checkpoint_dirs(run_dir)[-1]) == []
-    name = signal.Signals(sig).name
-    assert f"{name}: finishing this step" in err
-    assert (f"stapo train: interrupted by {name}: checkpoint saved at step {step}; "
-            f"continue with `stapo train --resume {run_dir}`") in err
-    resumed = subprocess.run([sys.executable, "-m", "stapo", "train", "--quiet", "--resume", str(run_dir),
-                              f"steps={step + 1}"], env=ENV, capture_output=True, text=True, timeout=300, check=False)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert steps_of(run_dir) == list(range(step + 2))  # every step once, in order
+    if not checkpoint_dirs(run_dir):
+        return proc, err, None, None
+    left = saved_step(run_dir), steps_of(run_dir), verify_checkpoint(checkpoint_dirs(run_dir)[-1])
+    return proc, err, left, resume(run_dir, left[0])
 
 
-def test_a_second_signal_aborts_at_once_without_saving(tiny_model_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = start(tiny_model_dir, tmp_path)
+def second_signal(tiny_model_dir, out: Path) -> tuple[subprocess.Popen, str]:
+    proc = start(tiny_model_dir, out)
 
     def twice():
         os.kill(proc.pid, signal.SIGTERM)
         time.sleep(0.02)
         os.kill(proc.pid, signal.SIGTERM)
 
-    err = stop_when(proc, at_step(run_dir, 1), twice)
+    return proc, stop_when(proc, at_step(out / "run", 1), twice)
+
+
+def signal_in_set_up(tiny_model_dir, out: Path) -> tuple[subprocess.Popen, str]:
+    proc = start(tiny_model_dir, out)
+    lock = out / "run" / ".lock"  # taken before the model loads and the reward workers start: set-up
+    return proc, stop_when(proc, lambda: lock.is_file() and lock.read_text().strip(),
+                           lambda: os.kill(proc.pid, signal.SIGTERM))
+
+
+@pytest.fixture(scope="module")
+def runs(request, tiny_model_dir, tmp_path_factory):
+    """The single-process scenarios of the selected tests, two at a time (helpers/pairs.py); by test name,
+    each a future of (its output folder, what the scenario returned)."""
+
+    def scenario_for(item):
+        base = item.originalname
+        if base not in SCENARIOS:
+            return None
+        out = tmp_path_factory.mktemp("preempt")
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        return lambda: (out, SCENARIOS[base](tiny_model_dir, out, **params))
+
+    pool, futures = prefetch(request, scenario_for)
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize(("sig", "to_group"), [(signal.SIGTERM, False), (signal.SIGTERM, True),
+                                               (signal.SIGHUP, False)])
+def test_a_stop_signal_saves_the_step_in_flight_and_resume_continues(runs, request, sig, to_group):
+    out, (proc, err, left, resumed) = runs[request.node.name].result()
+    run_dir = out / "run"
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert left is not None, f"no checkpoint saved\n{err[-3000:]}"
+    step, steps, problems = left
+    assert max(steps) == step >= 2  # at most the step in flight is lost: none here, it finished
+    assert problems == []
+    name = signal.Signals(sig).name
+    assert f"{name}: finishing this step" in err
+    assert (f"stapo train: interrupted by {name}: checkpoint saved at step {step}; "
+            f"continue with `stapo train --resume {run_dir}`") in err
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert steps_of(run_dir) == list(range(step + 2))  # every step once, in order
+
+
+def test_a_second_signal_aborts_at_once_without_saving(runs, request):
+    out, (proc, err) = runs[request.node.name].result()
+    run_dir = out / "run"
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "SIGTERM again: aborting now, without saving" in err and "Traceback" not in err, err[-3000:]
     assert not checkpoint_dirs(run_dir)  # save_every=50: nothing was saved
     warnings = []  # the abort unwinds: the lock is released cleanly, not left to the kernel
     RunLock(run_dir).acquire(warn=warnings.append).release()
     assert warnings == []
+
+
+def test_a_signal_during_set_up_stops_at_once_in_one_line(runs, request):
+    out, (proc, err) = runs[request.node.name].result()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1] == "SIGTERM before the first step: stopping, nothing new to save", err
+    assert "Traceback" not in err and not checkpoint_dirs(out / "run")
+
+
+SCENARIOS = {"test_a_stop_signal_saves_the_step_in_flight_and_resume_continues": stop_and_resume,
+             "test_a_second_signal_aborts_at_once_without_saving": second_signal,
+             "test_a_signal_during_set_up_stops_at_once_in_one_line": signal_in_set_up}
 
 
 @pytest.mark.slow
@@ -125,19 +182,7 @@ def test_torchrun_job_preempted_saves_once_and_resumes(tiny_model_dir, tmp_path)
     assert err.count(f"interrupted by SIGTERM: checkpoint saved at step {step}") == 1, err[-4000:]
     assert "aborting now" not in err and max(steps_of(run_dir)) == step
     assert verify_checkpoint(checkpoint_dirs(run_dir)[-1]) == []
-    resumed = subprocess.run([*TORCHRUN, "-m", "stapo", "train", "--quiet", "--resume", str(run_dir),
-                              f"steps={step + 1}"], env=env, capture_output=True, text=True, timeout=300, check=False)
+    resumed = resume(run_dir, step, TORCHRUN, env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("held-out accuracy (sampled), before RL") == 1, resumed.stdout  # rank 0 only
     assert steps_of(run_dir) == list(range(step + 2))
-
-
-def test_a_signal_during_set_up_stops_at_once_in_one_line(tiny_model_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = start(tiny_model_dir, tmp_path)
-    lock = run_dir / ".lock"  # taken before the model loads and the reward workers start: set-up
-    err = stop_when(proc, lambda: lock.is_file() and lock.read_text().strip(),
-                    lambda: os.kill(proc.pid, signal.SIGTERM))
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert err.strip().splitlines()[-1] == "SIGTERM before the first step: stopping, nothing new to save", err
-    assert "Traceback" not in err and not checkpoint_dirs(run_dir)

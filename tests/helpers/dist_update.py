@@ -2,7 +2,9 @@
 
 Every rank builds the same global batch (same seed), keeps its rows, and updates the policy
 with the given strategy. Writes the final parameters and the mini-batch thresholds each rank
-saw to OUT_DIR, for tests/test_distributed.py to compare with a single-process run.
+saw to OUT_DIR/OBJECTIVE, for tests/test_distributed.py to compare with a single-process run.
+OBJECTIVES is comma-separated: each starts from the saved model again, in one process group
+(one start-up for all of them).
 """
 
 import json
@@ -14,17 +16,27 @@ import torch
 from stapo.objectives.training import objective_from_config
 
 
-def main(model_dir: str, out_dir: str, strategy: str, objective: str, steps: int) -> None:
+def main(model_dir: str, out_dir: str, strategy: str, objectives: str, steps: int) -> None:
+    from stapo.distributed import init_distributed, shutdown
+
+    torch.set_num_threads(1)
+    ctx = init_distributed(strategy, "cpu")
+    for objective in objectives.split(","):
+        out = Path(out_dir) / objective
+        out.mkdir(parents=True, exist_ok=True)
+        update(model_dir, out, strategy, objective, steps, ctx)
+    shutdown(ctx)
+
+
+def update(model_dir: str, out: Path, strategy: str, objective: str, steps: int, ctx) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stapo.config import build_config
-    from stapo.distributed import gather_variable, init_distributed, shutdown, wrap_model
+    from stapo.distributed import gather_variable, wrap_model
     from stapo.objectives import TokenStats, minibatch_overrides
     from stapo.rollout import HFGenerator, SamplingConfig, collate_rollouts
     from stapo.trainer import phases
 
-    torch.set_num_threads(1)
-    ctx = init_distributed(strategy, "cpu")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tok(f"Compute {a} + {b}.")["input_ids"] for a, b in [(1, 2), (30, 4), (55, 61), (7, 70)]]
@@ -59,14 +71,12 @@ def main(model_dir: str, out_dir: str, strategy: str, objective: str, steps: int
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = getattr(model, "module", model).state_dict()
-    out = Path(out_dir)
     (out / f"thresholds_rank{ctx.rank}.json").write_text(json.dumps([t.hex() for t in thresholds]))
     if ctx.rank == 0:
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous() for k, v in state.items() if k != "lm_head.weight"},
                   str(out / "params.safetensors"))
-    shutdown(ctx)
 
 
 if __name__ == "__main__":
