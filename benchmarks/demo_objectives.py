@@ -161,6 +161,7 @@ def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[i
         rows.append([f"`{label}`", len(rs), mean_sd([r["acc_before"] for r in rs]), mean_sd([r["acc_after"] for r in rs]),
                      mean_sd(delta), " / ".join(f"{100 * d:+.1f}" for d in delta),
                      f"{sum(d < 0 for d in delta)}/{len(delta)}",
+                     f"{sum(r['acc_min'] < r['acc_before'] for r in rs)}/{len(rs)}",
                      mean_sd([r["greedy_after"] - r["greedy_before"] for r in rs]),
                      mean_sd([r["acc_min"] for r in rs]), mean_sd([r["acc_max"] for r in rs]),
                      mean_sd([r["entropy_final"] for r in rs], 1.0, "{:.3f}"),
@@ -168,7 +169,8 @@ def markdown(args, results: list[dict], machine: str, wall: float, bases: dict[i
                      mean_sd([r["masked_fraction"] for r in rs], 1.0, "{:.1e}"),
                      mean_sd([r["grad_norm_max"] for r in rs], 1.0, "{:.2f}")])
     lines += [markdown_table(
-        ["objective", "seeds", "sampled before", "sampled after", "Δ", "Δ per seed", "ended below start", "greedy Δ", "min after 0",
+        ["objective", "seeds", "sampled before", "sampled after", "Δ", "Δ per seed", "ended below start",
+         "ever below start", "greedy Δ", "min after 0",
          "max after 0", "final entropy", "max entropy", "S2T masked fraction", "max grad norm"], rows), ""]
     lines += [("Peak and after (sampled / greedy held-out accuracy %, mean ± SD over seeds; the lowest evaluation "
               "after each seed's peak, '-' when the peak is the last evaluation):"), ""]
