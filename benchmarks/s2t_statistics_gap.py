@@ -80,10 +80,10 @@ def main() -> None:
         for _ in range(args.steps):
             problems = sampler.next(cfg.rollout.prompts_per_step)
             batch = generate_rollouts(generator, tok, problems, render_prompts(problems, tok, cfg), cfg.rollout)
-            score_rollouts(pool, batch)
-            attach_advantages(batch, cfg.rollout.n, cfg.objective.advantage)
-            compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size, device,
-                                 with_collision=False)
+            batch, _ = score_rollouts(pool, batch)
+            batch = attach_advantages(batch, cfg.rollout.n, cfg.objective.advantage)
+            batch = batch.with_rollout_stats(compute_old_logprobs(
+                model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size, device, with_collision=False))
             for k, mb in enumerate(batch.split(rows)):
                 micros = mb.split(cfg.optim.micro_batch_size)
                 plan, denominator = plan_minibatch(model, current, micros, cfg.rollout.temperature,

@@ -9,6 +9,7 @@ over micro-batches; then the real tiny model for the teacher pass and the traine
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -400,10 +401,10 @@ def test_teacher_pass_is_aligned_and_gets_no_gradient(tiny, tiny_model_dir, tmp_
     model.train()
     assert all(p.requires_grad for p in model.parameters())
     cfg = tiny_train_cfg(tiny_model_dir, tmp_path, "rollout.temperature=0.7")
-    compute_old_logprobs(model, batch, 0.7, 3, torch.device("cpu"), with_collision=False)
+    batch = batch.with_rollout_stats(compute_old_logprobs(model, batch, 0.7, 3, torch.device("cpu"),
+                                                          with_collision=False))
     with torch.enable_grad():
-        compute_teacher_logprobs(model, batch, tok, cfg, torch.device("cpu"))
-    tl = batch.teacher_logprobs
+        tl = compute_teacher_logprobs(model, batch, tok, cfg, torch.device("cpu"))
     assert tl.shape == batch.response_ids.shape and tl.dtype == torch.float32
     assert not tl.requires_grad and tl.grad_fn is None
     assert all(p.grad is None for p in model.parameters())
@@ -435,12 +436,12 @@ def test_update_is_micro_batch_invariant_on_a_real_model(tiny, tiny_model_dir, t
         cfg = tiny_train_cfg(tiny_model_dir, tmp_path, "objective.name=dasd", f"optim.micro_batch_size={micro}",
                              "objective.options={beta: 1.0}", "rollout.n=2", "optim.mini_batch_prompts=4")
         m = copy.deepcopy(model)
-        b = batch.select(slice(0, len(batch)))  # a fresh copy: the phases fill fields in place
-        compute_old_logprobs(m, b, 1.0, micro, torch.device("cpu"), with_collision=False)
-        compute_teacher_logprobs(m, b, tok, cfg, torch.device("cpu"))
+        b = batch.with_rollout_stats(compute_old_logprobs(m, batch, 1.0, micro, torch.device("cpu"),
+                                                          with_collision=False))
+        b = dataclasses.replace(b, teacher_logprobs=compute_teacher_logprobs(m, b, tok, cfg, torch.device("cpu")))
         opt = torch.optim.SGD(m.parameters(), lr=1.0)
         metrics = update_policy(m, opt, b, cfg, torch.device("cpu"), params_fresh=True,
-                                objective=objective_from_config(cfg))
+                                objective=objective_from_config(cfg)).metrics
         assert metrics["train/optimizer_steps"] == 1
         results.append(torch.cat([p.detach().reshape(-1) for p in m.parameters()]))
     moved = (results[0] - torch.cat([p.detach().reshape(-1) for p in model.parameters()])).abs().max()

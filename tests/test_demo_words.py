@@ -204,7 +204,7 @@ def test_demo_words_config_update_silences_tokens_over_its_whole_mini_batch(smal
     policy = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr)
     metrics = update_policy(policy, optimizer, batch, cfg, torch.device("cpu"), params_fresh=True,
-                            objective=objective_from_config(cfg))
+                            objective=objective_from_config(cfg)).metrics
     assert metrics["s2t/silenced"] == int(whole.sum()) and metrics["train/optimizer_steps"] == 1
     per_four = sum(int(s2t_mask(b.old_logprobs, b.old_entropy, b.advantages, b.response_mask).sum())
                    for b in batch.split(4 * 8))

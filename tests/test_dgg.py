@@ -152,8 +152,8 @@ def _make_batch(model, tok, attach_advantages, compute_old_logprobs, HFGenerator
     gens = HFGenerator(model, tok).generate(prompts, SamplingConfig(max_new_tokens=10, n=4, seed=3))
     batch = collate(list("abcd"), prompts, gens, tok.pad_token_id)
     batch.rewards = torch.tensor([float(len(t) % 3 == 0) for t in batch.response_texts])
-    attach_advantages(batch, 4, "grpo")
-    compute_old_logprobs(model, batch, 1.0, 4, "cpu", with_collision=False)
+    batch = attach_advantages(batch, 4, "grpo")
+    batch = batch.with_rollout_stats(compute_old_logprobs(model, batch, 1.0, 4, "cpu", with_collision=False))
     return batch
 
 
@@ -174,7 +174,7 @@ def _update(model, batch, cfg, gate_window=None, lr=1e-3):
     if gate_window is not None:
         gate.load_state_dict({"window": {"values": gate_window, "last_g": gate_window[-1]}})
     metrics = update_policy(m, opt, batch, cfg, "cpu", params_fresh=True, gate=gate,
-                             objective=objective_from_config(cfg))
+                            objective=objective_from_config(cfg)).metrics
     return m, opt, metrics
 
 
@@ -376,7 +376,7 @@ def _worker(model_dir: str, out_dir: str, strategy: str) -> None:
         # error in the global gradient would show; a small lr keeps g2 ≈ g1
         gate.load_state_dict({"window": {"values": [1e-9] * 8, "last_g": 1e-9}})
         metrics = update_policy(model, torch.optim.SGD(model.parameters(), lr=1e-4), batch, cfg, "cpu",
-                                params_fresh=True, ctx=ctx, gate=gate, objective=objective_from_config(cfg))
+                                params_fresh=True, ctx=ctx, gate=gate, objective=objective_from_config(cfg)).metrics
         if strategy == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -122,7 +122,7 @@ def test_gradient_accumulation_matches_whole_minibatch(tiny_model_dir):
     gens = HFGenerator(model, tok).generate(prompts, SamplingConfig(max_new_tokens=10, n=4, seed=3))
     batch = collate_rollouts(["a", "b", "c"], prompts, gens, tok.pad_token_id)
     batch.rewards = torch.tensor([float(len(t) % 3 == 0) for t in batch.response_texts])
-    attach_advantages(batch, 4, "grpo")
+    batch = attach_advantages(batch, 4, "grpo")
     for name, options in [("stapo", {"prob_threshold": 0.3}), ("entropy20", {}), ("grpo", {}), ("dr_grpo", {})]:
         results = []
         for micro in (12, 5, 1):
@@ -131,7 +131,8 @@ def test_gradient_accumulation_matches_whole_minibatch(tiny_model_dir):
                                       "optim.grad_clip=1e9"])
             cfg.objective.options.update(options)
             m = copy.deepcopy(model)
-            compute_old_logprobs(m, batch, 1.0, 4, "cpu", with_collision=False)
+            batch = batch.with_rollout_stats(compute_old_logprobs(m, batch, 1.0, 4, "cpu",
+                                                                  with_collision=False))
             opt = torch.optim.SGD(m.parameters(), lr=1.0)
             update_policy(m, opt, batch, cfg, "cpu", params_fresh=False, objective=objective_from_config(cfg))
             results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))

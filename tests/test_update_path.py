@@ -49,7 +49,7 @@ def model_and_batch(tiny_model_dir):
                                                    (40, 40), (8, 1)]]
     batch = generate_rollouts(HFGenerator(model, tok), tok, problems, problems, _cfg("justrl").rollout)
     batch.rewards = torch.tensor([float(i % 2 == (i // 2) % 2) for i in range(len(batch))])
-    attach_advantages(batch, 2, "grpo")
+    batch = attach_advantages(batch, 2, "grpo")
     assert batch.advantages.abs().max() > 0
     return model, batch
 
@@ -61,8 +61,8 @@ def _one_step(model, batch, cfg):
     hook = model.get_decoder().register_forward_hook(lambda *_: passes.append(torch.is_grad_enabled()))
     try:
         if not old_stats_from_update(cfg, batch, objective=objective_from_config(cfg)):
-            compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size, "cpu",
-                                 with_collision=False)
+            batch = batch.with_rollout_stats(compute_old_logprobs(
+                model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size, "cpu", with_collision=False))
         update_policy(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, cfg, "cpu", params_fresh=True,
                       objective=objective_from_config(cfg))
     finally:

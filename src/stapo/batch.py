@@ -1,4 +1,8 @@
-"""The one typed container that carries a step's data: rollout -> reward -> advantage -> loss.
+"""The typed values a step's phases pass forward: rollout -> reward -> advantage -> loss.
+
+Each phase returns a new ``RolloutBatch`` (``dataclasses.replace``) with the fields it produced;
+none writes into the batch it was given. ``RolloutStats`` is phase 5's product: the rollout
+policy's per-token statistics, from a separate no-grad pass or from the update's first forward.
 
 Shapes: B = responses in the batch (P prompts × G samples, a group contiguous),
 Lp = prompt length (left-padded), T = response length (right-padded).
@@ -32,10 +36,14 @@ class RolloutBatch:
     old_entropy: torch.Tensor | None = None  # [B, T] float, entropy of the policy that computed old_logprobs
     old_collision: torch.Tensor | None = None  # [B, T] float, its collision probability Σ_v π_v²
     teacher_logprobs: torch.Tensor | None = None  # [B, T] float, privileged-context pass (DASD)
-    selected: torch.Tensor | None = None  # [B, T] bool, tokens the objective acted on (first sweep's plan)
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
+
+    def with_rollout_stats(self, stats: RolloutStats) -> RolloutBatch:
+        """This batch with the rollout policy's statistics as its ``old_*`` (and reference) fields."""
+        return dataclasses.replace(self, old_logprobs=stats.logprobs, old_entropy=stats.entropy,
+                                   old_collision=stats.collision, ref_logprobs=stats.ref_logprobs)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -121,6 +129,16 @@ class RolloutBatch:
             else:
                 out[f.name] = torch.cat(values)
         return RolloutBatch(**out)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutStats:
+    """The rollout policy's per-token statistics of a batch's responses, at the rollout temperature (CPU, fp32)."""
+
+    logprobs: torch.Tensor  # [B, T]
+    entropy: torch.Tensor  # [B, T]
+    collision: torch.Tensor | None = None  # [B, T] Σ_v π_v², when the diagnostics read it
+    ref_logprobs: torch.Tensor | None = None  # [B, T] the frozen reference's (only when β > 0)
 
 
 def _before_last_valid(mask: torch.Tensor) -> torch.Tensor:

@@ -43,14 +43,15 @@ def update(model_dir: str, out: Path, strategy: str, objective: str, steps: int,
     gens = HFGenerator(model, tok).generate(prompts, SamplingConfig(max_new_tokens=10, n=4, seed=3))
     batch = collate_rollouts(list("abcd"), prompts, gens, tok.pad_token_id)
     batch.rewards = torch.tensor([float(len(t) % 3 == 0) for t in batch.response_texts])
-    phases.attach_advantages(batch, 4, "grpo")
+    batch = phases.attach_advantages(batch, 4, "grpo")
     options = {"stapo": "{prob_threshold: 0.3}", "entropy20": "{}"}[objective]
     cfg = build_config(None, [f"objective.name={objective}", f"objective.options={options}",
                               "rollout.prompts_per_step=4", "rollout.n=4", "optim.mini_batch_prompts=4",
                               "optim.micro_batch_size=3", "optim.grad_clip=1e9", f"parallel.strategy={strategy}"])
     share = len(batch) // ctx.world_size
     batch = batch.select(slice(ctx.rank * share, (ctx.rank + 1) * share))  # whole groups: 8 rows = 2 prompts
-    phases.compute_old_logprobs(model, batch, 1.0, 4, "cpu", with_collision=False)
+    batch = batch.with_rollout_stats(phases.compute_old_logprobs(model, batch, 1.0, 4, "cpu",
+                                                                 with_collision=False))
     model = wrap_model(model, ctx, torch.device("cpu"))
     # SGD: the update is −lr·grad, so any error in the global normalisation shows in the weights
     opt = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -92,11 +92,10 @@ def sample_scored(
                               n=samples, seed=seed)
     generations = HFGenerator(model, tokenizer, batch_size=batch_size).generate(prompts, sampling)
     batch = collate_rollouts(problems, prompts, generations, tokenizer.pad_token_id)
-    batch.rewards = torch.tensor([exact_reward(t, p.answer) for t, p in zip(batch.response_texts, batch.problems)])
-    batch.advantages = group_advantages(batch.rewards, samples)  # [B]
-    compute_old_logprobs(model, batch, temperature, batch_size, next(model.parameters()).device,
-                         with_collision=False)
-    return batch
+    rewards = torch.tensor([exact_reward(t, p.answer) for t, p in zip(batch.response_texts, batch.problems)])
+    batch = dataclasses.replace(batch, rewards=rewards, advantages=group_advantages(rewards, samples))  # [B]
+    return batch.with_rollout_stats(compute_old_logprobs(model, batch, temperature, batch_size,
+                                                         next(model.parameters()).device, with_collision=False))
 
 
 def measure_regime(

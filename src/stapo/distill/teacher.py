@@ -58,8 +58,9 @@ def _context_options(cfg) -> dict:
 
 
 @torch.no_grad()
-def compute_teacher_logprobs(model, batch: RolloutBatch, tokenizer, cfg, device) -> None:
-    """Fill ``batch.teacher_logprobs`` [B, T] (fp32, CPU, no grad) from the privileged-context pass.
+def compute_teacher_logprobs(model, batch: RolloutBatch, tokenizer, cfg, device) -> torch.Tensor:
+    """The teacher's log-probs of the responses, [B, T] (fp32, CPU, no grad): the privileged-context
+    pass. The caller attaches them (``dataclasses.replace(batch, teacher_logprobs=...)``).
 
     ``cfg``: the ``TrainConfig`` (``data.template``, ``data.use_chat_template``, ``distill.*``,
     ``rollout.temperature``, ``optim.micro_batch_size``). ``batch.problems`` supplies the hints.
@@ -77,4 +78,4 @@ def compute_teacher_logprobs(model, batch: RolloutBatch, tokenizer, cfg, device)
         out = model_token_stats(model, micro.input_ids, micro.attention_mask, micro.prompt_ids.shape[1],
                                 temperature=cfg.rollout.temperature, with_entropy=False)
         parts.append(out.logprobs.float().cpu())  # [b, T]
-    batch.teacher_logprobs = torch.cat(parts)
+    return torch.cat(parts)

@@ -6,6 +6,7 @@ Every phase is a named function from ``stapo.trainer.phases``; this file only wi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -151,7 +152,7 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                                           render_prompts(problems, tokenizer, cfg), cfg.rollout)
                 t1 = time.perf_counter()
                 # 3. verifiable rewards, scored in the worker pool under hard time limits
-                metrics = score_rollouts(pool, batch)
+                batch, metrics = score_rollouts(pool, batch)
                 sampled = len(batch)  # responses sampled this step, refills included
                 if cfg.rollout.dynamic_sampling:  # DAPO: keep informative groups only, refill
                     batch, sampled, metrics = _refill(batch, metrics, pool, sampler, generator, tokenizer,
@@ -161,22 +162,30 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                 state["rollouts"] += int(all_reduce_sum(sampled))
                 t2 = time.perf_counter()
                 # 4. group-relative advantages (a group never straddles ranks)
-                attach_advantages(batch, G, cfg.objective.advantage)
+                batch = attach_advantages(batch, G, cfg.objective.advantage)
                 with autocast, _injected_nan(model, step):
-                    # 5. log-probs of the rollout policy, at the rollout temperature (logits / T); a separate
-                    # no-grad pass only when something needs them before the update's own first forward
-                    if not old_stats_from_update(cfg, batch, gate=gate, ref_model=ref_model, objective=objective):
-                        compute_old_logprobs(model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size,
-                                             device, with_collision=diagnostics.enabled, ref_model=ref_model)
-                    metrics |= rollout_engine_mismatch(batch)  # vLLM vs trainer log-probs
-                    batch, tis = correct_rollout_engine(batch, cfg.rollout.tis_cap)  # TIS, when set: new advantages
-                    metrics |= tis
-                    if objective.needs_teacher:  # 5b. self-distillation (DASD, OPSD)
-                        compute_teacher_logprobs(model, batch, tokenizer, cfg, device)  # privileged context, no grad
+                    # 5. the rollout policy's log-probs, entropy, collision, at the rollout temperature: a
+                    # separate no-grad pass, unless nothing needs them before the update's first forward,
+                    # which then scores them itself (5 folded into 6)
+                    fused = old_stats_from_update(cfg, batch, gate=gate, ref_model=ref_model, objective=objective)
+                    if not fused:
+                        batch = batch.with_rollout_stats(compute_old_logprobs(
+                            model, batch, cfg.rollout.temperature, cfg.optim.micro_batch_size, device,
+                            with_collision=diagnostics.enabled, ref_model=ref_model))
+                        metrics |= rollout_engine_mismatch(batch)  # vLLM vs trainer log-probs
+                        batch, tis = correct_rollout_engine(batch, cfg.rollout.tis_cap)  # TIS: new advantages
+                        metrics |= tis
+                    if objective.needs_teacher:  # 5b. self-distillation (DASD, OPSD): privileged context, no grad
+                        batch = dataclasses.replace(batch, teacher_logprobs=compute_teacher_logprobs(
+                            model, batch, tokenizer, cfg, device))
                     # 6. ppo_epochs × mini-batches of M prompts: thresholds, accumulate, clip, step
-                    metrics |= update_policy(model, optimizer, batch, cfg, device, ctx=ctx,
-                                             gate=gate, collision=diagnostics.enabled, objective=objective)
-                    metrics |= diagnostics.measure(batch)  # rollout policy's p, H, quadrants, what S2T silences
+                    update = update_policy(model, optimizer, batch, cfg, device, ctx=ctx,
+                                           gate=gate, collision=diagnostics.enabled, objective=objective)
+                    metrics |= update.metrics
+                    if fused:  # 5, from the update's first forward
+                        batch = batch.with_rollout_stats(update.rollout_stats)
+                    # the rollout policy's p, H, quadrants, what S2T silences, what the objective acted on
+                    metrics |= diagnostics.measure(batch, update.selected)
                 scheduler.step()
                 _stop_if_weights_nonfinite(model, step, run_dir)  # before they generate or are saved
                 generator.wake_up()
@@ -189,7 +198,8 @@ def _train(cfg: TrainConfig, ctx, device, resume, quiet: bool, held: contextlib.
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                     metrics |= evaluate()
                 if ctx.is_main and cfg.diagnostics.dump_every and step % cfg.diagnostics.dump_every == 0:
-                    diagnostics.dump(run_dir / "rollouts" / f"step_{step:06d}.parquet", batch, tokenizer, step)
+                    diagnostics.dump(run_dir / "rollouts" / f"step_{step:06d}.parquet", batch, update.selected,
+                                     tokenizer, step)
                 log.log(step, metrics)
                 # a signal reaches each rank at its own moment (torchrun forwards it): they agree here
                 stop = all_reduce_sum(float(interrupt.requested)) > 0
@@ -359,7 +369,7 @@ def _refill(batch, metrics, pool, sampler, generator, tokenizer, cfg, ctx):
         problems = shard(sampler.next(P), ctx)
         extra = generate_rollouts(generator, tokenizer, problems, render_prompts(problems, tokenizer, cfg),
                                   cfg.rollout)
-        counts = score_rollouts(pool, extra)
+        extra, counts = score_rollouts(pool, extra)
         metrics.update({k: metrics[k] + counts[k] for k in METRIC_KEYS})  # the pool's counters, summed
         informative, all_equal = split_constant_groups(extra, G)
         kept = RolloutBatch.concat([kept, informative], tokenizer.pad_token_id)
@@ -367,8 +377,8 @@ def _refill(batch, metrics, pool, sampler, generator, tokenizer, cfg, ctx):
         dropped += len(all_equal)
     if len(kept) < share:  # too few informative groups: top up with zero-advantage ones
         kept = RolloutBatch.concat([kept, constant], tokenizer.pad_token_id)
-    kept = kept.select(slice(0, share))
-    kept.group_ids = torch.arange(share) // G  # each round numbered its prompts from 0
+    # each round numbered its prompts from 0
+    kept = dataclasses.replace(kept.select(slice(0, share)), group_ids=torch.arange(share) // G)
     sampled = torch.cat(rewards)
     metrics.update({"reward/mean": float(sampled.mean()), "rollout/refill_rounds": rounds,
                     "rollout/constant_groups": dropped / len(sampled)})

@@ -1,6 +1,8 @@
 """The phases of one RL step, each a named function the loop calls in the order of Algorithm 1.
 
-Shapes: P prompts a step, G samples each, B = P·G rows, T response tokens.
+Each phase returns what it produced (a new ``RolloutBatch``, ``RolloutStats``, a ``PolicyUpdate``)
+and leaves its inputs untouched. Shapes: P prompts a step, G samples each, B = P·G rows,
+T response tokens.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections import defaultdict
 import torch
 
 from ..advantages import group_advantages
-from ..batch import RolloutBatch
+from ..batch import RolloutBatch, RolloutStats
 from ..data.prompts import tokenize_prompt
 from ..distributed import LOCAL, DistContext, all_reduce_sum, gather_variable
 from ..objectives import TokenStats
@@ -83,14 +85,14 @@ def generate_rollouts(generator, tokenizer, problems: list, prompts: list[str], 
 
 # --- 3. reward ---------------------------------------------------------------------------------
 
-def score_rollouts(pool, batch: RolloutBatch) -> dict[str, float]:
-    """Fill ``batch.rewards`` [B] from the reward pool; return reward metrics."""
+def score_rollouts(pool, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+    """(the batch with ``rewards`` [B] from the reward pool, reward metrics)."""
     golds = [p.answer for p in batch.problems]
     scores = pool.score_batch(batch.response_texts, golds, lengths=batch.response_lengths.tolist())
-    batch.rewards = torch.tensor(scores, dtype=torch.float32)
-    metrics = {"reward/mean": float(batch.rewards.mean())}
+    rewards = torch.tensor(scores, dtype=torch.float32)
+    metrics = {"reward/mean": float(rewards.mean())}
     metrics.update(pool.pop_metrics())
-    return metrics
+    return dataclasses.replace(batch, rewards=rewards), metrics
 
 
 def split_constant_groups(batch: RolloutBatch, group_size: int) -> tuple[RolloutBatch, RolloutBatch]:
@@ -103,8 +105,9 @@ def split_constant_groups(batch: RolloutBatch, group_size: int) -> tuple[Rollout
 
 # --- 4. advantages -----------------------------------------------------------------------------
 
-def attach_advantages(batch: RolloutBatch, group_size: int, method: str) -> None:
-    batch.advantages = group_advantages(batch.rewards, group_size, method)  # [B]
+def attach_advantages(batch: RolloutBatch, group_size: int, method: str) -> RolloutBatch:
+    """The batch with its group-relative ``advantages`` [B]."""
+    return dataclasses.replace(batch, advantages=group_advantages(batch.rewards, group_size, method))
 
 
 # --- 5. per-token statistics of a policy -------------------------------------------------------
@@ -128,8 +131,9 @@ def policy_stats(model, batch: RolloutBatch, temperature: float, *, with_entropy
 
 @torch.no_grad()
 def compute_old_logprobs(model, batch: RolloutBatch, temperature: float, micro_batch_size: int,
-                         device, with_collision: bool = True, ref_model=None) -> None:
-    """Fill ``old_logprobs`` (and the rollout policy's entropy/collision) at the rollout temperature."""
+                         device, with_collision: bool = True, ref_model=None) -> RolloutStats:
+    """The rollout policy's log-probs, entropy (and collision, and the reference's log-probs) at the
+    rollout temperature: a separate no-grad pass; ``batch.with_rollout_stats`` attaches them."""
     lps, ents, cols, refs = [], [], [], []
     for micro in batch.split(micro_batch_size):
         micro = micro.to(device)
@@ -140,10 +144,8 @@ def compute_old_logprobs(model, batch: RolloutBatch, temperature: float, micro_b
             cols.append(out.collision.float().cpu())
         if ref_model is not None:
             refs.append(policy_stats(ref_model, micro, temperature, with_entropy=False).logprobs.float().cpu())
-    batch.old_logprobs = torch.cat(lps)
-    batch.old_entropy = torch.cat(ents)
-    batch.old_collision = torch.cat(cols) if cols else None
-    batch.ref_logprobs = torch.cat(refs) if refs else None
+    return RolloutStats(torch.cat(lps), torch.cat(ents), torch.cat(cols) if cols else None,
+                        torch.cat(refs) if refs else None)
 
 
 def rollout_engine_mismatch(batch: RolloutBatch) -> dict[str, float]:
@@ -167,8 +169,8 @@ def correct_rollout_engine(batch: RolloutBatch, tis_cap: float | None) -> tuple[
 
 def old_stats_from_update(cfg, batch: RolloutBatch, *, objective: TrainingObjective, gate=None,
                           ref_model=None) -> bool:
-    """True when ``update_policy``'s first forward can supply ``old_logprobs`` (and the rollout
-    policy's entropy / collision) itself, so ``compute_old_logprobs`` would be a redundant forward.
+    """True when ``update_policy``'s first forward can supply the rollout policy's statistics
+    (``PolicyUpdate.rollout_stats``) itself, so ``compute_old_logprobs`` would be a redundant forward.
 
     That holds when the step is one mini-batch (M = P: every row is first scored by the rollout
     policy itself, so ρ = 1 exactly, as TRL's GRPOTrainer with num_iterations = 1 skips its old
@@ -206,9 +208,22 @@ class MetricMean:
         return {k: self.total[k] / self.weight[k] for k in self.total if self.weight[k] > 0}
 
 
+@dataclasses.dataclass(frozen=True)
+class PolicyUpdate:
+    """What ``update_policy`` produced."""
+
+    metrics: dict[str, float]
+    # the rollout policy's statistics when the update's first forward scored it (the batch had no
+    # ``old_logprobs``: ``old_stats_from_update``), else None
+    rollout_stats: RolloutStats | None
+    # [B, T] bool: the tokens the objective acted on in the first sweep (S2T's silenced, 20-Entropy's
+    # kept, Clip-Cov's detached, KL-Cov's penalised), for the select/* diagnostics; None if it selects none
+    selected: torch.Tensor | None
+
+
 def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_fresh: bool = True,
                   ctx: DistContext = LOCAL, gate=None, collision: bool = False,
-                  objective: TrainingObjective) -> dict[str, float]:
+                  objective: TrainingObjective) -> PolicyUpdate:
     """``ppo_epochs`` sweeps of optimizer mini-batches of M prompts over ``batch`` (Algorithm 1, lines 6-9).
 
     Per mini-batch: (1) plan: the objective's mini-batch-wide statistics, each micro-batch's keep
@@ -222,8 +237,9 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
     objectives whose mask reads a policy's statistics (S2T, 20-Entropy), from a no-grad pass of the
     current policy. Objectives without such a mask run no extra pass. ``params_fresh=False`` is for
     a caller that updates on ``batch`` again after the policy moved; the trainer's batches are fresh.
-    If ``old_logprobs`` is None (``old_stats_from_update``), the first mini-batch's own forward fills
-    ``old_logprobs``, ``old_entropy`` and, with ``collision``, ``old_collision`` of ``batch``.
+    If ``old_logprobs`` is None (``old_stats_from_update``), the first mini-batch's own forward scores
+    the rollout policy (log-probs, entropy and, with ``collision``, collision): later sweeps read them,
+    and they are returned as ``PolicyUpdate.rollout_stats``. ``batch`` itself is never modified.
 
     Under DDP / FSDP2 ``batch`` is this rank's share of the global batch: thresholds are taken over
     the gathered statistics of all ranks and the loss is divided by the global unit count, so the
@@ -242,7 +258,7 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
                          f"{len(batch)} rows in mini-batches of {rows} needs them before the loss "
                          "(old_stats_from_update); run compute_old_logprobs first")
     metrics, outcomes = MetricMean(), {"stepped": 0, "nonfinite": 0, "vetoed": 0}
-    selected = []
+    selected, rollout_stats = [], None
     sweeps = (gate.max_passes if gate is not None else 1) * cfg.optim.ppo_epochs  # DGG reuses K passes
     for sweep in range(sweeps):
         for mb in batch.split(rows):
@@ -258,8 +274,8 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
                                                       metrics, gate=gate, score_rollout_policy=fill,
                                                       collision=collision)
             if fill:  # the whole batch was this one mini-batch: later sweeps read the rollout policy's stats
-                batch.old_logprobs, batch.old_entropy, batch.old_collision = scored
-                fill = False
+                rollout_stats, fill = scored, False
+                batch = batch.with_rollout_stats(scored)
             # (3) clip and (4) step, unless something is non-finite or the gate vetoes it
             outcome, grad_norm = clip_and_step(model, optimizer, cfg.optim.grad_clip, loss_total, gate,
                                                sweep // cfg.optim.ppo_epochs)
@@ -270,12 +286,11 @@ def update_policy(model, optimizer, batch: RolloutBatch, cfg, device, *, params_
                 break
         if outcomes["vetoed"]:
             break
-    batch.selected = torch.cat(selected) if selected else None
     out = metrics.result()
     out.update({"train/optimizer_steps": outcomes["stepped"], "train/nonfinite_skipped": outcomes["nonfinite"]})
     if gate is not None:
         out.update(gate.pop_metrics())  # reuse/passes, gate_triggers, lm_head_grad_sq, z
-    return out
+    return PolicyUpdate(out, rollout_stats, torch.cat(selected) if selected else None)
 
 
 def plan_minibatch(model, objective: TrainingObjective, micros: list[RolloutBatch], temperature: float, *,
@@ -301,8 +316,7 @@ def accumulate_gradients(model, objective: TrainingObjective, plan: MinibatchPla
     """Forward and backward every micro-batch; returns (the mini-batch loss over all ranks, scored).
 
     ``score_rollout_policy``: the policy is the rollout policy and ``old_logprobs`` is unset, so
-    this forward supplies them (ρ = 1); ``scored`` is then the detached (logprobs, entropy,
-    collision) of the rows, else None.
+    this forward supplies them (ρ = 1); ``scored`` is then the rows' detached ``RolloutStats``, else None.
     """
     # DDP and FSDP2 average gradients over ranks; the loss is already divided by the global
     # count, so undo the average to get the sum the single-process update has
@@ -325,7 +339,7 @@ def accumulate_gradients(model, objective: TrainingObjective, plan: MinibatchPla
         loss_sum += loss.detach().double().cpu()
         metrics.add(loss_metrics, weight=float(m.response_mask.sum()))
     if score_rollout_policy:
-        scored = tuple(torch.cat(xs) if xs[0] is not None else None for xs in zip(*scored))
+        scored = RolloutStats(*(torch.cat(xs) if xs[0] is not None else None for xs in zip(*scored)))
     return all_reduce_sum(float(loss_sum)), (scored or None)
 
 
