@@ -31,7 +31,7 @@ import torch
 
 from ..advantages import group_advantages
 from ..batch import RolloutBatch
-from ..objectives.masks import s2t_candidates, s2t_silence
+from ..objectives.masks import QUANTILE, TAU_P, s2t_candidates, s2t_silence
 from ..rollout import HFGenerator, SamplingConfig, collate_rollouts
 from ..trainer.phases import compute_old_logprobs
 from .sft import encode_prompt
@@ -105,8 +105,8 @@ def measure_regime(
     *,
     samples: int = 8,
     temperature: float = 1.0,
-    prob_threshold: float = 0.002,
-    entropy_quantile: float = 0.75,
+    prob_threshold: float = TAU_P,
+    entropy_quantile: float = QUANTILE,
     minibatch_prompts: int = 4,
     max_new_tokens: int = 64,
     seed: int = 0,
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--prob-threshold", type=float, default=0.002)
-    parser.add_argument("--entropy-quantile", type=float, default=0.75)
+    parser.add_argument("--prob-threshold", type=float, default=TAU_P)
+    parser.add_argument("--entropy-quantile", type=float, default=QUANTILE)
     parser.add_argument("--minibatch-prompts", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
