@@ -107,18 +107,17 @@ def _fields(batch) -> dict:
 def _assert_same(before: dict, batch, phase: str) -> None:
     for name, value in before.items():
         now = getattr(batch, name)
-        same = (now is None and value is None) if value is None or now is None else (
-            torch.equal(now, value) if isinstance(value, torch.Tensor) else now == value)
+        same = isinstance(now, torch.Tensor) and torch.equal(now, value) if isinstance(value, torch.Tensor) \
+            else now == value
         assert same, f"{phase} wrote the input batch's {name}"
 
 
 def test_each_phase_returns_what_it_produced_and_leaves_its_input_untouched(model_tok, rollout):
+    from stapo.data.problem import Problem
     from stapo.rewards import RewardPool
     from stapo.trainer.phases import correct_rollout_engine, score_rollouts
 
     model, _ = model_tok
-    from stapo.data.problem import Problem
-
     records = [Problem(f"t/{i}", text, "1", "t") for i, text in enumerate(rollout.problems)]
     generated = dataclasses.replace(rollout, problems=records, rewards=None, advantages=None)
     before = _fields(generated)
