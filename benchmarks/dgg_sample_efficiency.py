@@ -220,7 +220,8 @@ def markdown(args, results: list[dict], machine: str, wall: float, base: Path) -
          f"--eval-every {args.eval_every} --heldout {args.heldout} --eval-samples {args.eval_samples} "
          f"--max-reuse {args.max_reuse} --jobs {args.jobs} --threads {args.threads} "
          f"--seeds {' '.join(map(str, args.seeds))} --objectives {' '.join(args.objectives)} "
-         f"--gates {' '.join(args.gate_specs)}"
+         f"--gates {' '.join(args.gate_specs)} "
+         + (f"--base {args.base}" if args.base else f"--base-seed {args.base_seed}")
          + (f" --override {' '.join(args.override)}" if args.override else "") + "`"),
         "",
         (f"Machine: {machine}. {len(results)} runs, {args.jobs} at a time with {args.threads} thread each"
